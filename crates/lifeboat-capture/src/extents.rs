@@ -1,0 +1,139 @@
+//! Data extents of files and block devices.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::FileTypeExt;
+
+use rustix::fs::{seek, SeekFrom as RSeek};
+
+/// Size of a regular file or block device.
+///
+/// # Errors
+/// I/O errors.
+pub fn volume_size(f: &File) -> std::io::Result<u64> {
+    let md = f.metadata()?;
+    if md.file_type().is_block_device() {
+        let mut g = f;
+        let end = g.seek(SeekFrom::End(0))?;
+        g.seek(SeekFrom::Start(0))?;
+        Ok(end)
+    } else {
+        Ok(md.len())
+    }
+}
+
+pub fn is_block_device(f: &File) -> bool {
+    f.metadata()
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// The data extents of `f` within `[0, size)`, in order, merged. Where the
+/// file system does not report holes, the whole range is one extent.
+///
+/// # Errors
+/// I/O errors other than "holes not supported".
+pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<Range<u64>>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match seek(f, RSeek::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break, // no data after pos
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                #[allow(clippy::single_range_in_vec_init)]
+                return Ok(if size > 0 { vec![0..size] } else { vec![] });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = match seek(f, RSeek::Hole(start)) {
+            Ok(e) => e.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        if end <= start {
+            break;
+        }
+        match out.last_mut() {
+            Some(last) if last.end >= start => last.end = end,
+            _ => out.push(start..end),
+        }
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// Total bytes in `extents`.
+pub fn total(extents: &[Range<u64>]) -> u64 {
+    extents.iter().map(|r| r.end - r.start).sum()
+}
+
+/// Runs of chunk indexes (start, count) that overlap `extents`, each run at
+/// most `max_run` chunks long.
+pub fn chunk_runs(extents: &[Range<u64>], chunk_size: u64, max_run: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for r in extents {
+        let first = r.start / chunk_size;
+        let last = (r.end - 1) / chunk_size; // inclusive
+        let mut s = first;
+        // skip a chunk already covered by the previous run
+        if let Some((ps, pc)) = runs.last() {
+            if ps + pc > s {
+                s = ps + pc;
+            }
+        }
+        while s <= last {
+            let n = (last - s + 1).min(max_run);
+            match runs.last_mut() {
+                Some((ps, pc)) if *ps + *pc == s && *pc + n <= max_run => *pc += n,
+                _ => runs.push((s, n)),
+            }
+            s += n;
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn sparse_file_extents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let f = File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 8 << 20).unwrap();
+        f.write_all_at(&[2u8; 8192], 40 << 20).unwrap();
+        f.sync_all().unwrap();
+        let f = File::open(&p).unwrap();
+        let ex = data_extents(&f, 64 << 20).unwrap();
+        assert_eq!(total(&ex), 4096 + 8192, "{ex:?}");
+        assert_eq!(ex[0].start, 8 << 20);
+    }
+
+    #[test]
+    fn runs_cover_extents_once() {
+        let cs = 65536;
+        let ex = vec![
+            0..100,
+            65536 * 3 + 5..65536 * 3 + 10,
+            65536 * 3 + 20..65536 * 40,
+        ];
+        let runs = chunk_runs(&ex, cs, 16);
+        let mut covered = vec![];
+        for (s, n) in &runs {
+            assert!(*n <= 16);
+            covered.extend(*s..*s + *n);
+        }
+        let mut expect = vec![0];
+        expect.extend(3..40);
+        assert_eq!(covered, expect);
+    }
+}

@@ -1,0 +1,375 @@
+//! Restore a volume of a point to a sparse file or a block device.
+//!
+//! Reads are planned per pack: a pack from which most bytes are needed is
+//! read whole, otherwise only the needed blobs. Files are written under a
+//! temporary name in the destination directory, fsynced and renamed, so the
+//! destination name holds the old content or the complete new one. Block
+//! devices are written in place (there is no rename for them).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use lifeboat_format::index::FixedIndex;
+use lifeboat_format::{ChunkId, PackId, PointId};
+use lifeboat_store::crypto::is_zero;
+use lifeboat_store::vault::{pack_key, Location};
+use lifeboat_store::{StoreError, Vault};
+use serde::Serialize;
+
+use crate::extents::{data_extents, is_block_device, volume_size};
+use crate::scan::Progress;
+use crate::{CaptureError, Result};
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub verify: bool,
+    pub threads: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            verify: false,
+            threads: crate::default_threads(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub point: PointId,
+    pub volume: String,
+    pub to: String,
+    pub size: u64,
+    pub data_bytes_written: u64,
+    pub block_device: bool,
+    pub verified: bool,
+}
+
+/// Restore `volume` of `point` to `to`.
+///
+/// # Errors
+/// Missing or damaged chunks (the destination is left unchanged for files),
+/// a full disk, or a block device smaller than the volume.
+pub fn restore_volume(
+    vault: &Vault,
+    point: &PointId,
+    volume: &str,
+    to: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let m = vault.load_manifest(point)?;
+    let vol = m.volume(volume).ok_or_else(|| {
+        let names: Vec<_> = m.volumes.iter().map(|v| v.name.to_string()).collect();
+        CaptureError::Invalid(format!(
+            "point {point} has no volume {volume:?} (it has: {})",
+            names.join(", ")
+        ))
+    })?;
+    let ix = vault.load_fixed_index(point, vol)?;
+    let data_bytes: u64 = ix
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.is_zero())
+        .map(|(i, _)| {
+            let r = ix.range(i);
+            r.end - r.start
+        })
+        .sum();
+    progress.start(data_bytes, ix.size);
+
+    let existing = fs::metadata(to).ok();
+    let block = existing
+        .as_ref()
+        .is_some_and(|_| File::open(to).map(|f| is_block_device(&f)).unwrap_or(false));
+    let needed_by = format!("point {point} volume {volume}");
+    if block {
+        let f = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(to)
+            .map_err(|e| CaptureError::io(to, "open", e))?;
+        let dev_size = volume_size(&f).map_err(|e| CaptureError::io(to, "size", e))?;
+        if dev_size < ix.size {
+            return Err(CaptureError::Invalid(format!(
+                "{}: device has {dev_size} bytes, the volume needs {}",
+                to.display(),
+                ix.size
+            )));
+        }
+        write_chunks(vault, &ix, &f, to, true, opts.threads, &needed_by, progress)?;
+        f.sync_all().map_err(|e| CaptureError::io(to, "fsync", e))?;
+        if opts.verify {
+            verify_target(vault, &ix, &f, to)?;
+        }
+    } else {
+        let dir = to
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = to
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| CaptureError::Invalid(format!("{}: not a file name", to.display())))?;
+        let tmp: PathBuf = dir.join(format!(
+            ".{name}.lifeboat-restore-{:08x}",
+            u32::from_le_bytes(lifeboat_store::crypto::random_bytes::<4>())
+        ));
+        let guard = TempGuard(Some(tmp.clone()));
+        let f = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| CaptureError::io(&tmp, "create", e))?;
+        f.set_len(ix.size)
+            .map_err(|e| CaptureError::io(&tmp, "set size", e))?;
+        write_chunks(
+            vault,
+            &ix,
+            &f,
+            &tmp,
+            false,
+            opts.threads,
+            &needed_by,
+            progress,
+        )?;
+        f.sync_all()
+            .map_err(|e| CaptureError::io(&tmp, "fsync", e))?;
+        if opts.verify {
+            verify_target(vault, &ix, &f, &tmp)?;
+        }
+        fs::rename(&tmp, to).map_err(|e| CaptureError::io(to, "rename into place", e))?;
+        guard.disarm();
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| CaptureError::io(dir, "fsync directory", e))?;
+    }
+    Ok(RestoreReport {
+        point: *point,
+        volume: volume.to_string(),
+        to: to.display().to_string(),
+        size: ix.size,
+        data_bytes_written: data_bytes,
+        block_device: block,
+        verified: opts.verify,
+    })
+}
+
+/// Removes a temporary file unless disarmed.
+struct TempGuard(Option<PathBuf>);
+impl TempGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// One unit of restore work: the blobs needed from one pack.
+struct PackWork {
+    pack: PackId,
+    /// (chunk, location, positions in the index)
+    blobs: Vec<(ChunkId, Location, Vec<usize>)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_chunks(
+    vault: &Vault,
+    ix: &FixedIndex,
+    f: &File,
+    path: &Path,
+    zero_holes: bool,
+    threads: usize,
+    needed_by: &str,
+    progress: &dyn Progress,
+) -> Result<()> {
+    // Plan: group positions by chunk, chunks by pack.
+    let mut positions: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+    for (i, c) in ix.chunks.iter().enumerate() {
+        if !c.is_zero() {
+            positions.entry(*c).or_default().push(i);
+        }
+    }
+    let mut packs: HashMap<PackId, PackWork> = HashMap::new();
+    for (id, pos) in positions {
+        let loc = vault.locate(&id).ok_or_else(|| StoreError::MissingChunk {
+            id: id.to_hex(),
+            needed_by: format!(
+                "{needed_by} at offset {}",
+                pos[0] as u64 * ix.chunk_size as u64
+            ),
+        })?;
+        packs
+            .entry(loc.pack)
+            .or_insert_with(|| PackWork {
+                pack: loc.pack,
+                blobs: vec![],
+            })
+            .blobs
+            .push((id, loc, pos));
+    }
+    let mut work: Vec<PackWork> = packs.into_values().collect();
+    for w in &mut work {
+        w.blobs.sort_by_key(|b| b.1.offset);
+    }
+    // Roughly volume order, so writes are mostly sequential.
+    work.sort_by_key(|w| w.blobs.iter().map(|b| b.2[0]).min().unwrap_or(0));
+
+    if zero_holes {
+        // A block device keeps old data in holes: write zeros there.
+        let zeros = vec![0u8; ix.chunk_size as usize];
+        for (i, c) in ix.chunks.iter().enumerate() {
+            if c.is_zero() {
+                let r = ix.range(i);
+                f.write_all_at(&zeros[..(r.end - r.start) as usize], r.start)
+                    .map_err(|e| CaptureError::io(path, "write", e))?;
+            }
+        }
+    }
+
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<CaptureError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                if failed.lock().unwrap().is_some() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(w) = work.get(i) else { return };
+                if let Err(e) = restore_pack(vault, ix, f, path, w, needed_by, progress) {
+                    *failed.lock().unwrap() = Some(e);
+                    return;
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn restore_pack(
+    vault: &Vault,
+    ix: &FixedIndex,
+    f: &File,
+    path: &Path,
+    w: &PackWork,
+    needed_by: &str,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let key = pack_key(&w.pack);
+    let needed: u64 = w.blobs.iter().map(|b| b.1.len as u64).sum();
+    let first = w.blobs.first().map(|b| b.1.offset).unwrap_or(0);
+    let last = w
+        .blobs
+        .last()
+        .map(|b| b.1.offset + b.1.len as u64)
+        .unwrap_or(0);
+    // One ranged read over the span when at least half of it is needed;
+    // otherwise one read per blob.
+    let span: Option<Vec<u8>> = if needed * 2 >= last - first {
+        Some(
+            vault
+                .backend()
+                .get_range(&key, first..last)
+                .map_err(|e| missing(e, &w.pack, needed_by))?,
+        )
+    } else {
+        None
+    };
+    for (id, loc, pos) in &w.blobs {
+        let raw_owned;
+        let raw: &[u8] = match &span {
+            Some(s) => {
+                &s[(loc.offset - first) as usize..(loc.offset - first + loc.len as u64) as usize]
+            }
+            None => {
+                raw_owned = vault
+                    .backend()
+                    .get_range(&key, loc.offset..loc.offset + loc.len as u64)
+                    .map_err(|e| missing(e, &w.pack, needed_by))?;
+                &raw_owned
+            }
+        };
+        let plain = vault.open_blob(
+            id,
+            loc.kind,
+            raw,
+            &format!(
+                "{needed_by} at offset {}",
+                pos[0] as u64 * ix.chunk_size as u64
+            ),
+        )?;
+        for p in pos {
+            let r = ix.range(*p);
+            let n = (r.end - r.start) as usize;
+            if plain.len() < n {
+                return Err(StoreError::Corrupt(format!(
+                    "chunk {id} is shorter than its place in {needed_by}"
+                ))
+                .into());
+            }
+            f.write_all_at(&plain[..n], r.start)
+                .map_err(|e| CaptureError::io(path, "write", e))?;
+            progress.advance(n as u64);
+        }
+    }
+    Ok(())
+}
+
+fn missing(e: lifeboat_store::BackendError, pack: &PackId, needed_by: &str) -> CaptureError {
+    if e.is_not_found() {
+        StoreError::MissingChunk {
+            id: format!("(all of pack {pack})"),
+            needed_by: needed_by.to_string(),
+        }
+        .into()
+    } else {
+        StoreError::from(e).into()
+    }
+}
+
+/// Read the target back and compare every chunk with the index.
+fn verify_target(vault: &Vault, ix: &FixedIndex, f: &File, path: &Path) -> Result<()> {
+    let size = volume_size(f).map_err(|e| CaptureError::io(path, "size", e))?;
+    let data = data_extents(f, size).map_err(|e| CaptureError::io(path, "find data extents", e))?;
+    let in_data =
+        |r: &std::ops::Range<u64>| data.iter().any(|d| d.start < r.end && r.start < d.end);
+    let mut buf = vec![0u8; ix.chunk_size as usize];
+    for (i, c) in ix.chunks.iter().enumerate() {
+        let r = ix.range(i);
+        if c.is_zero() && !in_data(&r) {
+            continue; // a hole reads as zeros
+        }
+        let n = (r.end - r.start) as usize;
+        f.read_exact_at(&mut buf[..n], r.start)
+            .map_err(|e| CaptureError::io(path, "read back", e))?;
+        let ok = if c.is_zero() {
+            is_zero(&buf[..n])
+        } else {
+            vault.keys().chunk_id(&buf[..n]) == *c
+        };
+        if !ok {
+            return Err(CaptureError::Invalid(format!(
+                "{}: verification failed at offset {}: the written data differs from the point",
+                path.display(),
+                r.start
+            )));
+        }
+    }
+    Ok(())
+}

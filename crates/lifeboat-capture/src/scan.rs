@@ -1,0 +1,293 @@
+//! Scan capture: read data extents, chunk, dedup, write a point.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lifeboat_format::blob::BlobKind;
+use lifeboat_format::index::FixedIndex;
+use lifeboat_format::manifest::{Manifest, PointKind, VolumeEntry};
+use lifeboat_format::{ChunkId, PointId, VolumeName};
+use lifeboat_store::crypto::is_zero;
+use lifeboat_store::{PackWriter, Vault, WriteStats};
+use serde::Serialize;
+
+use crate::extents::{chunk_runs, data_extents, total, volume_size};
+use crate::{CaptureError, Result};
+
+/// One volume to capture.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub name: VolumeName,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for VolumeSpec {
+    type Err = CaptureError;
+    /// `NAME=PATH`
+    fn from_str(s: &str) -> Result<Self> {
+        let (n, p) = s.split_once('=').ok_or_else(|| {
+            CaptureError::Invalid(format!(
+                "--volume {s:?}: expected NAME=PATH, e.g. disk0=/dev/vdb"
+            ))
+        })?;
+        let name = n
+            .parse()
+            .map_err(|e| CaptureError::Invalid(format!("--volume {s:?}: {e}")))?;
+        Ok(VolumeSpec {
+            name,
+            path: PathBuf::from(p),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub kind: PointKind,
+    pub tags: Vec<String>,
+    pub threads: usize,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            kind: PointKind::CrashConsistent,
+            tags: vec![],
+            threads: crate::default_threads(),
+        }
+    }
+}
+
+/// What `point create` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateReport {
+    pub id: PointId,
+    pub time: u64,
+    pub kind: PointKind,
+    pub parent: Option<PointId>,
+    pub nominal_bytes: u64,
+    pub data_bytes: u64,
+    pub stored: WriteStats,
+    pub volumes: Vec<VolumeEntry>,
+}
+
+/// Progress of a scan: data bytes read so far out of the total.
+pub trait Progress: Sync {
+    fn start(&self, total_data_bytes: u64, nominal_bytes: u64);
+    fn advance(&self, bytes: u64);
+}
+
+/// A progress sink that ignores everything.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn start(&self, _: u64, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+struct Source {
+    spec: VolumeSpec,
+    file: File,
+    size: u64,
+    runs: Vec<(u64, u64)>,
+    data_bytes: u64,
+}
+
+/// Chunks per read: 1 MiB reads with 64 KiB chunks.
+const RUN_CHUNKS: u64 = 16;
+
+/// Take a recovery point of `volumes` (one consistency group: one manifest).
+///
+/// # Errors
+/// Unreadable volumes, a volume that changes size during the scan, or vault
+/// errors. The vault gains no point on error (at worst unreferenced packs,
+/// which `vault prune` removes).
+pub fn create_point(
+    vault: &Arc<Vault>,
+    volumes: &[VolumeSpec],
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+) -> Result<CreateReport> {
+    if volumes.is_empty() {
+        return Err(CaptureError::Invalid("no --volume given".into()));
+    }
+    let mut names = std::collections::HashSet::new();
+    for v in volumes {
+        if !names.insert(v.name.clone()) {
+            return Err(CaptureError::Invalid(format!(
+                "volume name {} given twice",
+                v.name
+            )));
+        }
+    }
+    let cs = vault.chunk_size() as u64;
+    let mut sources = Vec::new();
+    for spec in volumes {
+        let file = File::open(&spec.path).map_err(|e| CaptureError::io(&spec.path, "open", e))?;
+        let size = volume_size(&file).map_err(|e| CaptureError::io(&spec.path, "size", e))?;
+        let ex = data_extents(&file, size)
+            .map_err(|e| CaptureError::io(&spec.path, "find data extents", e))?;
+        sources.push(Source {
+            runs: chunk_runs(&ex, cs, RUN_CHUNKS),
+            data_bytes: total(&ex),
+            spec: spec.clone(),
+            file,
+            size,
+        });
+    }
+    let nominal: u64 = sources.iter().map(|s| s.size).sum();
+    let data: u64 = sources.iter().map(|s| s.data_bytes).sum();
+    progress.start(
+        sources
+            .iter()
+            .map(|s| s.runs.iter().map(|r| r.1 * cs).sum::<u64>())
+            .sum(),
+        nominal,
+    );
+
+    let (_lock, writer) = vault.begin_write()?;
+    let parent = vault.list_points()?.last().copied();
+    let mut entries = Vec::new();
+    for src in &sources {
+        let ix = scan_volume(&writer, src, opts.threads, progress)?;
+        let after =
+            volume_size(&src.file).map_err(|e| CaptureError::io(&src.spec.path, "size", e))?;
+        if after != src.size {
+            return Err(CaptureError::Invalid(format!(
+                "{}: volume changed size during the scan ({} -> {} bytes); take the point again, quiesced with --pre-hook",
+                src.spec.path.display(),
+                src.size,
+                after
+            )));
+        }
+        let data_chunks = ix.chunks.iter().filter(|c| !c.is_zero()).count() as u64;
+        let index = vault.store_fixed_index(&writer, &ix)?;
+        entries.push(VolumeEntry {
+            name: src.spec.name.clone(),
+            size: src.size,
+            data_bytes: src.data_bytes,
+            data_chunks,
+            source: src.spec.path.display().to_string(),
+            index,
+        });
+    }
+    let stats = writer.flush()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let time = now / 1000;
+    let id = PointId::at(
+        now,
+        u32::from_le_bytes(lifeboat_store::crypto::random_bytes::<4>()),
+    );
+    let m = Manifest {
+        id,
+        time,
+        kind: opts.kind,
+        tags: opts.tags.clone(),
+        parent,
+        hostname: lifeboat_store::hostname(),
+        chunk_size: vault.chunk_size(),
+        journal_seq: None,
+        volumes: entries.clone(),
+    };
+    vault.save_manifest(&m)?;
+    Ok(CreateReport {
+        id,
+        time,
+        kind: opts.kind,
+        parent,
+        nominal_bytes: nominal,
+        data_bytes: data,
+        stored: stats,
+        volumes: entries,
+    })
+}
+
+fn scan_volume(
+    w: &PackWriter,
+    src: &Source,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<FixedIndex> {
+    let cs = w.vault().chunk_size() as u64;
+    let index = Mutex::new(FixedIndex::empty(cs as u32, src.size));
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<CaptureError>> = Mutex::new(None);
+    let keys = w.vault().keys();
+    let level = w.vault().config().compression_level;
+    let read = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; (cs * RUN_CHUNKS) as usize];
+                let mut found: Vec<(usize, ChunkId)> = Vec::new();
+                loop {
+                    if failed.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(start, n)) = src.runs.get(i) else {
+                        break;
+                    };
+                    let off = start * cs;
+                    let len = ((n * cs).min(src.size - off)) as usize;
+                    if let Err(e) = read_full(&src.file, &mut buf[..len], off) {
+                        *failed.lock().unwrap() = Some(CaptureError::io(&src.spec.path, "read", e));
+                        return;
+                    }
+                    for (k, chunk) in buf[..len].chunks(cs as usize).enumerate() {
+                        let pos = (start as usize) + k;
+                        if is_zero(chunk) {
+                            continue;
+                        }
+                        let id = keys.chunk_id(chunk);
+                        if !w.contains(&id) {
+                            let sealed = keys.seal(BlobKind::Data, &id.0, chunk, level);
+                            if let Err(e) =
+                                w.add_sealed(BlobKind::Data, id, chunk.len() as u32, sealed)
+                            {
+                                *failed.lock().unwrap() = Some(e.into());
+                                return;
+                            }
+                        }
+                        found.push((pos, id));
+                    }
+                    read.fetch_add(len as u64, Ordering::Relaxed);
+                    progress.advance(len as u64);
+                }
+                let mut ix = index.lock().unwrap();
+                for (pos, id) in found {
+                    ix.chunks[pos] = id;
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e);
+    }
+    Ok(index.into_inner().unwrap())
+}
+
+/// pread that fills `buf`; bytes past the end of a shrunk file read as zeros
+/// (the size check after the scan reports the shrink).
+fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

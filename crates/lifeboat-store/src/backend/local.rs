@@ -1,0 +1,204 @@
+//! A vault in a local directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use super::{BResult, Backend, BackendError, ObjectInfo};
+
+/// Objects are files under `root`; `put` writes `.<name>.tmp-<rand>`,
+/// fsyncs, renames and fsyncs the directory.
+#[derive(Debug)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    pub fn new(root: impl AsRef<Path>) -> Self {
+        LocalBackend {
+            root: root.as_ref().to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn io(&self, op: &'static str, key: &str, source: std::io::Error) -> BackendError {
+        if source.kind() == ErrorKind::NotFound && op != "put" {
+            return BackendError::NotFound {
+                location: self.location(),
+                key: key.to_string(),
+            };
+        }
+        BackendError::Io {
+            location: self.location(),
+            op,
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    fn write_tmp(&self, key: &str, data: &[u8]) -> BResult<(PathBuf, PathBuf)> {
+        let path = self.path(key);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| self.io("put", key, e))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
+        let tmp = dir.join(format!(".{name}.tmp-{:08x}", rand_u32()));
+        let res = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.io("put", key, e));
+        }
+        Ok((tmp, dir))
+    }
+}
+
+pub(crate) fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("OS random source");
+    u32::from_le_bytes(b)
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> BResult<()> {
+        let (tmp, dir) = self.write_tmp(key, data)?;
+        let path = self.path(key);
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.io("put", key, e));
+        }
+        fsync_dir(&dir).map_err(|e| self.io("put", key, e))
+    }
+
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> BResult<()> {
+        let (tmp, dir) = self.write_tmp(key, data)?;
+        let path = self.path(key);
+        // link(2) fails if the target exists: an atomic create-if-absent.
+        let res = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match res {
+            Ok(()) => fsync_dir(&dir).map_err(|e| self.io("put", key, e)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(BackendError::AlreadyExists {
+                location: self.location(),
+                key: key.to_string(),
+            }),
+            Err(e) => Err(self.io("put", key, e)),
+        }
+    }
+
+    fn get(&self, key: &str) -> BResult<Vec<u8>> {
+        fs::read(self.path(key)).map_err(|e| self.io("get", key, e))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> BResult<Vec<u8>> {
+        let mut f = File::open(self.path(key)).map_err(|e| self.io("get", key, e))?;
+        let len = range.end.saturating_sub(range.start) as usize;
+        let mut buf = vec![0u8; len];
+        f.seek(SeekFrom::Start(range.start))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| self.io("get", key, e))?;
+        Ok(buf)
+    }
+
+    fn head(&self, key: &str) -> BResult<Option<u64>> {
+        match fs::metadata(self.path(key)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io("head", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> BResult<Vec<ObjectInfo>> {
+        let mut out = Vec::new();
+        let base = self.path(prefix);
+        let mut stack = vec![base];
+        while let Some(dir) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io("list", prefix, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| self.io("list", prefix, e))?;
+                let name = ent.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with('.') {
+                    continue; // temporary files of unfinished puts
+                }
+                let ft = ent.file_type().map_err(|e| self.io("list", prefix, e))?;
+                if ft.is_dir() {
+                    stack.push(ent.path());
+                } else if ft.is_file() {
+                    let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
+                    let rel = ent
+                        .path()
+                        .strip_prefix(&self.root)
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    out.push(ObjectInfo { key: rel, size });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> BResult<()> {
+        match fs::remove_file(self.path(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io("delete", key, e)),
+        }
+    }
+}
+
+/// Open a file for appending-free random writes, creating it.
+pub fn open_rw(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_backend_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::backend::suite::run(&LocalBackend::new(dir.path()));
+    }
+
+    #[test]
+    fn put_leaves_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.put("a/b", b"x").unwrap();
+        let names: Vec<_> = fs::read_dir(dir.path().join("a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("b")]);
+    }
+}

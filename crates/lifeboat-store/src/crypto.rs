@@ -1,0 +1,281 @@
+//! Keys and sealing.
+//!
+//! A vault has one random 32-byte master key. From it, with BLAKE3
+//! `derive_key` and the vault id as context, come:
+//! * the AES-256-GCM key that seals every blob (aws-lc-rs),
+//! * the key of the keyed BLAKE3 that addresses chunks (so chunk ids reveal
+//!   nothing about content to someone without the key),
+//! * the key that authenticates the vault config.
+//!
+//! The master key is stored only wrapped (AES-256-GCM) by a key derived from a
+//! passphrase with Argon2id, or from a key file.
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use lifeboat_format::blob::{
+    associated_data, inner_header, parse_inner, parse_sealed, sealed_header, BlobKind, Compression,
+    NONCE_LEN, OUTER_HEADER_LEN, TAG_LEN,
+};
+use lifeboat_format::ChunkId;
+
+use crate::error::StoreError;
+
+pub const KEY_LEN: usize = 32;
+
+/// Secret material of an open vault.
+pub struct Keys {
+    aead: LessSafeKey,
+    id_key: [u8; 32],
+    mac_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(<secret>)")
+    }
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("OS random source");
+    b
+}
+
+fn derive(context: &str, vault_id: &str, master: &[u8; KEY_LEN]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(&format!("lifeboat 2026 {context} {vault_id}"));
+    h.update(master);
+    *h.finalize().as_bytes()
+}
+
+impl Keys {
+    pub fn from_master(master: &[u8; KEY_LEN], vault_id: &str) -> Self {
+        let data = derive("data aead", vault_id, master);
+        let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &data).expect("32-byte key"));
+        Keys {
+            aead,
+            id_key: derive("chunk id", vault_id, master),
+            mac_key: derive("config mac", vault_id, master),
+        }
+    }
+
+    /// Keyed BLAKE3 of a chunk's plaintext: its address.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.id_key, data).as_bytes())
+    }
+
+    pub fn mac(&self, data: &[u8]) -> String {
+        blake3::keyed_hash(&self.mac_key, data).to_hex().to_string()
+    }
+
+    /// Compress (if it helps) and seal `data` as a blob of `kind`; `id` is
+    /// bound into the AEAD (the chunk id, or zeros for non-chunks).
+    pub fn seal(&self, kind: BlobKind, id: &[u8; 32], data: &[u8], level: i32) -> Vec<u8> {
+        let compressed = if level != i32::MIN {
+            zstd::bulk::compress(data, level).ok()
+        } else {
+            None
+        };
+        let (comp, payload): (Compression, &[u8]) = match &compressed {
+            // Keep compression only when it saves at least 1/32.
+            Some(c) if c.len() + data.len() / 32 < data.len() => (Compression::Zstd, c),
+            _ => (Compression::None, data),
+        };
+        let nonce = random_bytes::<NONCE_LEN>();
+        let mut out = Vec::with_capacity(OUTER_HEADER_LEN + 5 + payload.len() + TAG_LEN);
+        out.extend_from_slice(&sealed_header(kind, &nonce));
+        out.extend_from_slice(&inner_header(comp, data.len() as u32));
+        out.extend_from_slice(payload);
+        let mut tail = out.split_off(OUTER_HEADER_LEN);
+        self.aead
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(associated_data(kind, id)),
+                &mut tail,
+            )
+            .expect("AES-GCM seal");
+        out.extend_from_slice(&tail);
+        out
+    }
+
+    /// Open a sealed blob of `kind` bound to `id` and decompress it.
+    ///
+    /// # Errors
+    /// [`StoreError::Format`] for a damaged header, [`StoreError::Decrypt`]
+    /// when authentication fails (wrong key or tampered bytes).
+    pub fn open(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        sealed: &[u8],
+        what: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        let parts = parse_sealed(sealed)?;
+        if parts.kind != kind {
+            return Err(StoreError::Corrupt(format!(
+                "{what}: holds a {:?} blob where a {kind:?} blob was expected",
+                parts.kind
+            )));
+        }
+        let mut buf = parts.ciphertext.to_vec();
+        let plain = self
+            .aead
+            .open_in_place(
+                Nonce::assume_unique_for_key(parts.nonce),
+                Aad::from(associated_data(kind, id)),
+                &mut buf,
+            )
+            .map_err(|_| StoreError::Decrypt(what.to_string()))?;
+        let (comp, raw_len, payload) = parse_inner(plain)?;
+        match comp {
+            Compression::None => Ok(payload.to_vec()),
+            Compression::Zstd => {
+                let out = zstd::bulk::decompress(payload, raw_len as usize)
+                    .map_err(|e| StoreError::Corrupt(format!("{what}: cannot decompress: {e}")))?;
+                if out.len() != raw_len as usize {
+                    return Err(StoreError::Corrupt(format!(
+                        "{what}: decompressed length differs"
+                    )));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Wrap `master` with `wrapping` key: hex(nonce | ciphertext | tag).
+pub fn wrap(wrapping: &[u8; 32], master: &[u8; KEY_LEN]) -> String {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, wrapping).expect("32-byte key"));
+    let nonce = random_bytes::<NONCE_LEN>();
+    let mut buf = master.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(b"lifeboat master key"),
+        &mut buf,
+    )
+    .expect("seal");
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    hex::encode(out)
+}
+
+/// Inverse of [`wrap`]; `None` if the wrapping key is wrong.
+pub fn unwrap(wrapping: &[u8; 32], wrapped: &str) -> Option<[u8; KEY_LEN]> {
+    let raw = hex::decode(wrapped).ok()?;
+    if raw.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
+        return None;
+    }
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, wrapping).ok()?);
+    let nonce: [u8; NONCE_LEN] = raw[..NONCE_LEN].try_into().ok()?;
+    let mut buf = raw[NONCE_LEN..].to_vec();
+    let plain = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(b"lifeboat master key"),
+            &mut buf,
+        )
+        .ok()?;
+    plain.try_into().ok()
+}
+
+/// Argon2id parameters for new password slots.
+#[derive(Debug, Clone, Copy)]
+pub struct KdfParams {
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl Default for KdfParams {
+    /// OWASP's recommended minimum for Argon2id: 19 MiB, 2 passes.
+    fn default() -> Self {
+        KdfParams {
+            m_cost_kib: 19 * 1024,
+            t_cost: 2,
+            p_cost: 1,
+        }
+    }
+}
+
+/// Derive a wrapping key from a passphrase.
+///
+/// # Errors
+/// Parameters Argon2 rejects (from a damaged config).
+pub fn password_key(password: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; 32], StoreError> {
+    let params = argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
+        .map_err(|e| StoreError::Corrupt(format!("vault config: bad Argon2 parameters: {e}")))?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = [0u8; 32];
+    a.hash_password_into(password, salt, &mut out)
+        .map_err(|e| StoreError::Corrupt(format!("vault config: Argon2 failed: {e}")))?;
+    Ok(out)
+}
+
+/// Derive a wrapping key from the contents of a key file.
+pub fn key_file_key(contents: &[u8]) -> [u8; 32] {
+    blake3::derive_key("lifeboat 2026 key file", contents.trim_ascii())
+}
+
+/// Bytes of an all-zero check, fast: compares 16-byte words.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { data.align_to::<u128>() };
+    pre.iter().all(|b| *b == 0) && mid.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_round_trip_and_tamper() {
+        let k = Keys::from_master(&[1; 32], "v");
+        let data = b"hello hello hello hello hello hello hello hello".repeat(100);
+        let id = k.chunk_id(&data);
+        let s = k.seal(BlobKind::Data, &id.0, &data, 1);
+        assert!(s.len() < data.len(), "text compresses");
+        assert_eq!(k.open(BlobKind::Data, &id.0, &s, "x").unwrap(), data);
+        // another id, kind or key fails authentication
+        assert!(matches!(
+            k.open(BlobKind::Data, &[0; 32], &s, "x"),
+            Err(StoreError::Decrypt(_))
+        ));
+        assert!(k.open(BlobKind::Index, &id.0, &s, "x").is_err());
+        let other = Keys::from_master(&[2; 32], "v");
+        assert!(matches!(
+            other.open(BlobKind::Data, &id.0, &s, "x"),
+            Err(StoreError::Decrypt(_))
+        ));
+        let mut t = s.clone();
+        let n = t.len();
+        t[n - 20] ^= 1;
+        assert!(matches!(
+            k.open(BlobKind::Data, &id.0, &t, "x"),
+            Err(StoreError::Decrypt(_))
+        ));
+    }
+
+    #[test]
+    fn chunk_ids_are_keyed() {
+        let a = Keys::from_master(&[1; 32], "v");
+        let b = Keys::from_master(&[1; 32], "w");
+        assert_ne!(a.chunk_id(b"x"), b.chunk_id(b"x"));
+        assert_eq!(a.chunk_id(b"x"), a.chunk_id(b"x"));
+    }
+
+    #[test]
+    fn wrapping() {
+        let w = [9u8; 32];
+        let m = random_bytes::<32>();
+        let s = wrap(&w, &m);
+        assert_eq!(unwrap(&w, &s), Some(m));
+        assert_eq!(unwrap(&[8; 32], &s), None);
+        assert_eq!(unwrap(&w, "zz"), None);
+    }
+
+    #[test]
+    fn zero_check() {
+        assert!(is_zero(&[0u8; 65536]));
+        let mut v = vec![0u8; 65537];
+        v[65536] = 1;
+        assert!(!is_zero(&v));
+        assert!(is_zero(&v[1..65536]));
+    }
+}

@@ -1,0 +1,831 @@
+//! An open vault: config and keys, the chunk index, packs, manifests, locks.
+//!
+//! Object layout under the vault's location:
+//! ```text
+//! config                  plaintext VaultConfig (wrapped master key)
+//! packs/<xx>/<pack id>    packs of sealed blobs (immutable)
+//! index/<pack id>         sealed pack index, written after its pack
+//! points/<point id>       sealed manifests, written last
+//! locks/<kind>-<random>   sealed lock records of running writers / prune
+//! condemned               sealed list of packs prune found unreferenced
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use lifeboat_format::blob::BlobKind;
+use lifeboat_format::config::{KeySlot, VaultConfig};
+use lifeboat_format::index::{check_chunk_size, FixedIndex};
+use lifeboat_format::lock::{Condemned, LockKind, LockRecord, REFRESH_SECS};
+use lifeboat_format::manifest::{Manifest, VolumeEntry};
+use lifeboat_format::pack::{
+    decode_pack_index, encode_pack_index, pack_tail, PackEntry, PACK_HEADER,
+};
+use lifeboat_format::{ChunkId, PackId, PointId};
+
+use crate::backend::DynBackend;
+use crate::crypto::{self, KdfParams, Keys, KEY_LEN};
+use crate::error::{Result, StoreError};
+
+/// How the user proves they may open the vault.
+pub enum Secret {
+    Password(Vec<u8>),
+    KeyFile(Vec<u8>),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Secret::Password(_) => "Secret::Password(<hidden>)",
+            Secret::KeyFile(_) => "Secret::KeyFile(<hidden>)",
+        })
+    }
+}
+
+/// Parameters of a new vault.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunk_size: u32,
+    pub compression_level: i32,
+    pub pack_size: u32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: 64 << 10,
+            compression_level: 1,
+            pack_size: 16 << 20,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// Where a blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: PackId,
+    pub offset: u64,
+    pub len: u32,
+    pub kind: BlobKind,
+}
+
+pub fn pack_key(p: &PackId) -> String {
+    let h = p.to_hex();
+    format!("packs/{}/{h}", &h[..2])
+}
+pub fn index_key(p: &PackId) -> String {
+    format!("index/{}", p.to_hex())
+}
+pub fn point_key(p: &PointId) -> String {
+    format!("points/{p}")
+}
+const CONDEMNED_KEY: &str = "condemned";
+
+fn point_aad(p: &PointId) -> [u8; 32] {
+    let mut a = [0u8; 32];
+    a[..8].copy_from_slice(&p.0.to_le_bytes());
+    a
+}
+
+/// An open vault.
+pub struct Vault {
+    backend: DynBackend,
+    keys: Arc<Keys>,
+    config: VaultConfig,
+    /// Every blob in every pack with an index. Condemned packs included.
+    index: RwLock<HashMap<ChunkId, Location>>,
+    condemned: RwLock<HashSet<PackId>>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vault({})", self.backend.location())
+    }
+}
+
+fn derive_wrapping(slot: &KeySlot, secret: &Secret) -> Result<Option<[u8; 32]>> {
+    Ok(match (slot, secret) {
+        (
+            KeySlot::Password {
+                salt,
+                m_cost_kib,
+                t_cost,
+                p_cost,
+                ..
+            },
+            Secret::Password(pw),
+        ) => {
+            let salt = hex::decode(salt).map_err(|_| {
+                StoreError::Corrupt("vault config: key slot salt is not hex".into())
+            })?;
+            let p = KdfParams {
+                m_cost_kib: *m_cost_kib,
+                t_cost: *t_cost,
+                p_cost: *p_cost,
+            };
+            Some(crypto::password_key(pw, &salt, p)?)
+        }
+        (KeySlot::KeyFile { .. }, Secret::KeyFile(c)) => Some(crypto::key_file_key(c)),
+        _ => None,
+    })
+}
+
+impl Vault {
+    /// Create a vault at `backend`.
+    ///
+    /// # Errors
+    /// [`StoreError::VaultExists`] if one is there (never overwritten), backend
+    /// errors, or an invalid chunk size.
+    pub fn init(backend: DynBackend, secret: &Secret, opts: &InitOptions) -> Result<Vault> {
+        check_chunk_size(opts.chunk_size)?;
+        if backend.head("config")?.is_some() {
+            return Err(StoreError::VaultExists(backend.location()));
+        }
+        let master = crypto::random_bytes::<KEY_LEN>();
+        let slot = match secret {
+            Secret::Password(pw) => {
+                let salt = crypto::random_bytes::<16>();
+                let wk = crypto::password_key(pw, &salt, opts.kdf)?;
+                KeySlot::Password {
+                    salt: hex::encode(salt),
+                    m_cost_kib: opts.kdf.m_cost_kib,
+                    t_cost: opts.kdf.t_cost,
+                    p_cost: opts.kdf.p_cost,
+                    wrapped: crypto::wrap(&wk, &master),
+                }
+            }
+            Secret::KeyFile(c) => KeySlot::KeyFile {
+                wrapped: crypto::wrap(&crypto::key_file_key(c), &master),
+            },
+        };
+        let mut config = VaultConfig {
+            vault_id: hex::encode(crypto::random_bytes::<16>()),
+            created: crate::now_secs(),
+            chunk_size: opts.chunk_size,
+            compression_level: opts.compression_level,
+            pack_size: opts.pack_size,
+            key_slots: vec![slot],
+            mac: String::new(),
+        };
+        let keys = Arc::new(Keys::from_master(&master, &config.vault_id));
+        config.mac = keys.mac(&config.body());
+        backend
+            .put_if_absent("config", &config.encode())
+            .map_err(|e| match e {
+                crate::BackendError::AlreadyExists { .. } => {
+                    StoreError::VaultExists(backend.location())
+                }
+                e => e.into(),
+            })?;
+        Ok(Vault {
+            backend,
+            keys,
+            config,
+            index: RwLock::default(),
+            condemned: RwLock::default(),
+        })
+    }
+
+    /// Open the vault at `backend` and load its chunk index.
+    ///
+    /// # Errors
+    /// [`StoreError::NotAVault`], [`StoreError::WrongSecret`], a damaged or
+    /// newer config, or backend errors.
+    pub fn open(backend: DynBackend, secret: &Secret) -> Result<Vault> {
+        let v = Self::open_config(backend, secret)?;
+        v.reload_index()?;
+        Ok(v)
+    }
+
+    /// Open and unlock without loading the chunk index (for reading
+    /// manifests only).
+    ///
+    /// # Errors
+    /// As [`Vault::open`].
+    pub fn open_config(backend: DynBackend, secret: &Secret) -> Result<Vault> {
+        let raw = match backend.get("config") {
+            Ok(r) => r,
+            Err(e) if e.is_not_found() => return Err(StoreError::NotAVault(backend.location())),
+            Err(e) => return Err(e.into()),
+        };
+        let config = VaultConfig::decode(&raw)
+            .map_err(|e| StoreError::Corrupt(format!("{}/config: {e}", backend.location())))?;
+        let mut master = None;
+        for slot in &config.key_slots {
+            if let Some(wk) = derive_wrapping(slot, secret)? {
+                let wrapped = match slot {
+                    KeySlot::Password { wrapped, .. } | KeySlot::KeyFile { wrapped } => wrapped,
+                };
+                if let Some(m) = crypto::unwrap(&wk, wrapped) {
+                    master = Some(m);
+                    break;
+                }
+            }
+        }
+        let Some(master) = master else {
+            return Err(StoreError::WrongSecret(backend.location()));
+        };
+        let keys = Arc::new(Keys::from_master(&master, &config.vault_id));
+        let mut unsigned = config.clone();
+        unsigned.mac = String::new();
+        if keys.mac(&unsigned.body()) != config.mac {
+            return Err(StoreError::Corrupt(format!(
+                "{}/config: authentication failed: the config was altered",
+                backend.location()
+            )));
+        }
+        Ok(Vault {
+            backend,
+            keys,
+            config,
+            index: RwLock::default(),
+            condemned: RwLock::default(),
+        })
+    }
+
+    pub fn backend(&self) -> &DynBackend {
+        &self.backend
+    }
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+    pub fn config(&self) -> &VaultConfig {
+        &self.config
+    }
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+    pub fn chunk_size(&self) -> u32 {
+        self.config.chunk_size
+    }
+
+    /// Read every pack index and the condemned list.
+    ///
+    /// # Errors
+    /// Backend errors; a damaged index is an error naming it.
+    pub fn reload_index(&self) -> Result<()> {
+        let mut map = HashMap::new();
+        for obj in self.backend.list("index/")? {
+            let Some(name) = obj.key.strip_prefix("index/") else {
+                continue;
+            };
+            let pack: PackId = name.parse().map_err(|e| {
+                StoreError::Corrupt(format!("{}/{}: {e}", self.location(), obj.key))
+            })?;
+            for e in self.load_pack_index(&pack)? {
+                map.entry(e.id).or_insert(Location {
+                    pack,
+                    offset: e.offset,
+                    len: e.len,
+                    kind: e.kind,
+                });
+            }
+        }
+        *self.index.write().unwrap() = map;
+        self.reload_condemned()
+    }
+
+    /// Re-read the condemned list (writers do this after taking their lock).
+    ///
+    /// # Errors
+    /// Backend errors or a damaged list.
+    pub fn reload_condemned(&self) -> Result<()> {
+        let c = self.load_condemned()?;
+        *self.condemned.write().unwrap() = c.packs.into_iter().map(|(p, _)| p).collect();
+        Ok(())
+    }
+
+    pub(crate) fn load_condemned(&self) -> Result<Condemned> {
+        match self.backend.get(CONDEMNED_KEY) {
+            Ok(raw) => {
+                let plain = self
+                    .keys
+                    .open(BlobKind::Lock, &[1; 32], &raw, "condemned list")?;
+                Ok(Condemned::decode(&plain)?)
+            }
+            Err(e) if e.is_not_found() => Ok(Condemned::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) fn save_condemned(&self, c: &Condemned) -> Result<()> {
+        let sealed = self.keys.seal(BlobKind::Lock, &[1; 32], &c.encode(), 1);
+        self.backend.put(CONDEMNED_KEY, &sealed)?;
+        Ok(())
+    }
+
+    /// The entries of one pack's index object.
+    ///
+    /// # Errors
+    /// Missing, undecryptable or damaged index.
+    pub fn load_pack_index(&self, pack: &PackId) -> Result<Vec<PackEntry>> {
+        let key = index_key(pack);
+        let raw = self.backend.get(&key)?;
+        let what = format!("{}/{key}", self.location());
+        let plain = self.keys.open(BlobKind::PackIndex, &pack.0, &raw, &what)?;
+        decode_pack_index(&plain).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    }
+
+    /// Where a blob is, if the vault has it.
+    pub fn locate(&self, id: &ChunkId) -> Option<Location> {
+        self.index.read().unwrap().get(id).copied()
+    }
+
+    /// Whether a new point may reuse this chunk (present and not condemned).
+    pub fn has_usable(&self, id: &ChunkId) -> bool {
+        match self.locate(id) {
+            Some(l) => !self.condemned.read().unwrap().contains(&l.pack),
+            None => false,
+        }
+    }
+
+    /// Number of blobs and packs known.
+    pub fn index_stats(&self) -> (usize, usize) {
+        let ix = self.index.read().unwrap();
+        let packs: HashSet<_> = ix.values().map(|l| l.pack).collect();
+        (ix.len(), packs.len())
+    }
+
+    pub(crate) fn index_snapshot(&self) -> HashMap<ChunkId, Location> {
+        self.index.read().unwrap().clone()
+    }
+
+    fn insert_pack(&self, pack: PackId, entries: &[PackEntry]) {
+        let mut ix = self.index.write().unwrap();
+        for e in entries {
+            ix.insert(
+                e.id,
+                Location {
+                    pack,
+                    offset: e.offset,
+                    len: e.len,
+                    kind: e.kind,
+                },
+            );
+        }
+    }
+
+    /// Read, open and check one blob.
+    ///
+    /// # Errors
+    /// [`StoreError::MissingChunk`], decryption failure, or an id mismatch.
+    pub fn read_chunk(&self, id: &ChunkId, needed_by: &str) -> Result<Vec<u8>> {
+        let loc = self.locate(id).ok_or_else(|| StoreError::MissingChunk {
+            id: id.to_hex(),
+            needed_by: needed_by.to_string(),
+        })?;
+        let raw = self
+            .backend
+            .get_range(
+                &pack_key(&loc.pack),
+                loc.offset..loc.offset + loc.len as u64,
+            )
+            .map_err(|e| match e {
+                e if e.is_not_found() => StoreError::MissingChunk {
+                    id: id.to_hex(),
+                    needed_by: format!("{needed_by}; its pack {} is gone", loc.pack),
+                },
+                e => e.into(),
+            })?;
+        self.open_blob(id, loc.kind, &raw, needed_by)
+    }
+
+    /// Open a sealed blob read from a pack and check its id.
+    ///
+    /// # Errors
+    /// Decryption failure or id mismatch.
+    pub fn open_blob(
+        &self,
+        id: &ChunkId,
+        kind: BlobKind,
+        raw: &[u8],
+        needed_by: &str,
+    ) -> Result<Vec<u8>> {
+        let what = format!("chunk {} ({needed_by})", &id.to_hex()[..16]);
+        let plain = self.keys.open(kind, &id.0, raw, &what)?;
+        if self.keys.chunk_id(&plain) != *id {
+            return Err(StoreError::Corrupt(format!(
+                "{what}: content does not match its id"
+            )));
+        }
+        Ok(plain)
+    }
+
+    /// Store a fixed index as `Index` pieces through `w`; returns the piece ids.
+    ///
+    /// # Errors
+    /// Backend errors while flushing packs.
+    pub fn store_fixed_index(&self, w: &PackWriter, ix: &FixedIndex) -> Result<Vec<ChunkId>> {
+        let enc = ix.encode();
+        let mut ids = Vec::new();
+        for piece in enc.chunks(self.chunk_size() as usize) {
+            let id = self.keys.chunk_id(piece);
+            w.add(BlobKind::Index, id, piece)?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Load the fixed index of a volume of a point.
+    ///
+    /// # Errors
+    /// Missing or damaged pieces.
+    pub fn load_fixed_index(&self, point: &PointId, vol: &VolumeEntry) -> Result<FixedIndex> {
+        let needed_by = format!("index of volume {} of point {point}", vol.name);
+        let mut enc = Vec::new();
+        for id in &vol.index {
+            enc.extend_from_slice(&self.read_chunk(id, &needed_by)?);
+        }
+        let ix = FixedIndex::decode(&enc)
+            .map_err(|e| StoreError::Corrupt(format!("{needed_by}: {e}")))?;
+        if ix.size != vol.size {
+            return Err(StoreError::Corrupt(format!(
+                "{needed_by}: index covers {} bytes, manifest says {}",
+                ix.size, vol.size
+            )));
+        }
+        Ok(ix)
+    }
+
+    /// Write a manifest. Call only after every chunk it names is stored.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn save_manifest(&self, m: &Manifest) -> Result<()> {
+        let sealed = self
+            .keys
+            .seal(BlobKind::Manifest, &point_aad(&m.id), &m.encode(), 3);
+        self.backend.put_if_absent(&point_key(&m.id), &sealed)?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// [`StoreError::PointNotFound`], decryption failure or a damaged manifest.
+    pub fn load_manifest(&self, id: &PointId) -> Result<Manifest> {
+        let key = point_key(id);
+        let raw = self.backend.get(&key).map_err(|e| match e {
+            e if e.is_not_found() => StoreError::PointNotFound(id.to_string()),
+            e => e.into(),
+        })?;
+        let what = format!("{}/{key}", self.location());
+        let plain = self
+            .keys
+            .open(BlobKind::Manifest, &point_aad(id), &raw, &what)?;
+        let m =
+            Manifest::decode(&plain).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?;
+        if m.id != *id {
+            return Err(StoreError::Corrupt(format!("{what}: holds point {}", m.id)));
+        }
+        Ok(m)
+    }
+
+    /// Ids of every point, oldest first.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn list_points(&self) -> Result<Vec<PointId>> {
+        let mut ids: Vec<PointId> = self
+            .backend
+            .list("points/")?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix("points/")?.parse().ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every manifest, oldest first. Damaged manifests are returned as errors
+    /// beside the good ones so one bad point does not hide the others.
+    ///
+    /// # Errors
+    /// Backend errors listing points.
+    pub fn load_all_manifests(&self) -> Result<Vec<(PointId, Result<Manifest>)>> {
+        Ok(self
+            .list_points()?
+            .into_iter()
+            .map(|id| (id, self.load_manifest(&id)))
+            .collect())
+    }
+
+    /// Resolve `latest`, a full id or a unique prefix of one.
+    ///
+    /// # Errors
+    /// No match or an ambiguous prefix.
+    pub fn resolve_point(&self, spec: &str) -> Result<PointId> {
+        let ids = self.list_points()?;
+        if spec == "latest" {
+            return ids.last().copied().ok_or_else(|| {
+                StoreError::PointNotFound("latest (the vault has no points)".into())
+            });
+        }
+        let matches: Vec<_> = ids
+            .iter()
+            .filter(|i| i.to_string().starts_with(spec))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(**one),
+            [] => Err(StoreError::PointNotFound(spec.into())),
+            _ => Err(StoreError::Invalid(format!(
+                "point prefix {spec:?} is ambiguous ({} points match); give more digits",
+                matches.len()
+            ))),
+        }
+    }
+
+    pub fn delete_manifest(&self, id: &PointId) -> Result<()> {
+        self.backend.delete(&point_key(id))?;
+        Ok(())
+    }
+
+    /// Take a lock of `kind` (removed on drop, refreshed in the background).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn lock(&self, kind: LockKind) -> Result<LockGuard> {
+        let now = crate::now_secs();
+        let rec = LockRecord {
+            kind: kind.clone(),
+            hostname: crate::hostname(),
+            pid: std::process::id(),
+            started: now,
+            refreshed: now,
+        };
+        let name = format!(
+            "locks/{}-{}",
+            match kind {
+                LockKind::Writer => "writer",
+                LockKind::Prune => "prune",
+            },
+            hex::encode(crypto::random_bytes::<8>())
+        );
+        let sealed = self.keys.seal(BlobKind::Lock, &[0; 32], &rec.encode(), 1);
+        self.backend.put(&name, &sealed)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let refresher = {
+            let stop = stop.clone();
+            let backend = self.backend.clone();
+            let mut rec = rec.clone();
+            let name = name.clone();
+            let sealer = self.keys.clone();
+            std::thread::spawn(move || {
+                let mut waited = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    waited += 200;
+                    if waited >= REFRESH_SECS * 1000 {
+                        waited = 0;
+                        rec.refreshed = crate::now_secs();
+                        let sealed = sealer.seal(BlobKind::Lock, &[0; 32], &rec.encode(), 1);
+                        if let Err(e) = backend.put(&name, &sealed) {
+                            tracing::warn!("cannot refresh lock {name}: {e}");
+                        }
+                    }
+                }
+            })
+        };
+        Ok(LockGuard {
+            backend: self.backend.clone(),
+            name,
+            stop,
+            refresher: Some(refresher),
+        })
+    }
+
+    /// Live (not stale) locks.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn live_locks(&self) -> Result<Vec<(String, LockRecord)>> {
+        let now = crate::now_secs();
+        let mut out = Vec::new();
+        for o in self.backend.list("locks/")? {
+            let raw = match self.backend.get(&o.key) {
+                Ok(r) => r,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let rec = self
+                .keys
+                .open(BlobKind::Lock, &[0; 32], &raw, &o.key)
+                .ok()
+                .and_then(|p| LockRecord::decode(&p).ok());
+            match rec {
+                Some(r) if !r.is_stale(now) => out.push((o.key, r)),
+                Some(_) => {}
+                None => tracing::warn!("ignoring unreadable lock {}", o.key),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Start writing: take a writer lock, then re-read the condemned list
+    /// (in that order: see [`crate::prune`]).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn begin_write(self: &Arc<Self>) -> Result<(LockGuard, PackWriter)> {
+        let lock = self.lock(LockKind::Writer)?;
+        self.reload_condemned()?;
+        Ok((lock, PackWriter::new(self.clone())))
+    }
+}
+
+/// A held lock; dropping it removes the lock object.
+pub struct LockGuard {
+    backend: DynBackend,
+    name: String,
+    stop: Arc<AtomicBool>,
+    refresher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.backend.delete(&self.name) {
+            tracing::warn!("cannot remove lock {}: {e}", self.name);
+        }
+    }
+}
+
+/// What a writer added to the vault.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct WriteStats {
+    pub new_chunks: u64,
+    pub new_raw_bytes: u64,
+    pub new_stored_bytes: u64,
+    pub packs: u64,
+}
+
+struct PackBuf {
+    data: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuf {
+    fn new(cap: usize) -> Self {
+        let mut data = Vec::with_capacity(cap);
+        data.extend_from_slice(&PACK_HEADER);
+        PackBuf {
+            data,
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// Collects sealed blobs into packs and uploads them; safe to share between
+/// worker threads. A pack's index object is written after the pack, and its
+/// entries become visible to dedup only then.
+pub struct PackWriter {
+    vault: Arc<Vault>,
+    buf: Mutex<PackBuf>,
+    /// Chunks added but not yet in an uploaded pack.
+    pending: Mutex<HashSet<ChunkId>>,
+    new_chunks: AtomicU64,
+    new_raw: AtomicU64,
+    new_stored: AtomicU64,
+    packs: AtomicU64,
+}
+
+impl PackWriter {
+    fn new(vault: Arc<Vault>) -> Self {
+        let cap = vault.config.pack_size as usize + (1 << 20);
+        PackWriter {
+            vault,
+            buf: Mutex::new(PackBuf::new(cap)),
+            pending: Mutex::default(),
+            new_chunks: AtomicU64::new(0),
+            new_raw: AtomicU64::new(0),
+            new_stored: AtomicU64::new(0),
+            packs: AtomicU64::new(0),
+        }
+    }
+
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// Whether `id` is stored (usable) or already pending in this writer.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.vault.has_usable(id) || self.pending.lock().unwrap().contains(id)
+    }
+
+    /// Seal and add `data` (whose id is `id`) unless the vault has it.
+    /// Returns whether it was new.
+    ///
+    /// # Errors
+    /// Backend errors when a full pack is uploaded.
+    pub fn add(&self, kind: BlobKind, id: ChunkId, data: &[u8]) -> Result<bool> {
+        if self.contains(&id) {
+            return Ok(false);
+        }
+        let sealed = self
+            .vault
+            .keys
+            .seal(kind, &id.0, data, self.vault.config.compression_level);
+        self.add_sealed(kind, id, data.len() as u32, sealed)
+    }
+
+    /// Add an already sealed blob. Returns whether it was new.
+    ///
+    /// # Errors
+    /// Backend errors when a full pack is uploaded.
+    pub fn add_sealed(
+        &self,
+        kind: BlobKind,
+        id: ChunkId,
+        raw_len: u32,
+        sealed: Vec<u8>,
+    ) -> Result<bool> {
+        {
+            let mut p = self.pending.lock().unwrap();
+            if self.vault.has_usable(&id) || !p.insert(id) {
+                return Ok(false);
+            }
+        }
+        self.new_chunks.fetch_add(1, Ordering::Relaxed);
+        self.new_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
+        self.new_stored
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut b = self.buf.lock().unwrap();
+            let offset = b.data.len() as u64;
+            b.data.extend_from_slice(&sealed);
+            b.entries.push(PackEntry {
+                id,
+                kind,
+                offset,
+                len: sealed.len() as u32,
+                raw_len,
+            });
+            if b.data.len() >= self.vault.config.pack_size as usize {
+                let cap = self.vault.config.pack_size as usize + (1 << 20);
+                Some(std::mem::replace(&mut *b, PackBuf::new(cap)))
+            } else {
+                None
+            }
+        };
+        if let Some(full) = full {
+            self.upload(full)?;
+        }
+        Ok(true)
+    }
+
+    fn upload(&self, mut b: PackBuf) -> Result<()> {
+        if b.entries.is_empty() {
+            return Ok(());
+        }
+        let index = encode_pack_index(&b.entries);
+        // The pack id is the hash of the pack, which includes the trailer;
+        // bind the trailer to nothing but its kind (the index object binds the id).
+        let trailer = self
+            .vault
+            .keys
+            .seal(BlobKind::PackIndex, &[0; 32], &index, 1);
+        b.data.extend_from_slice(&trailer);
+        b.data.extend_from_slice(&pack_tail(trailer.len() as u32));
+        let pack = PackId(*blake3::hash(&b.data).as_bytes());
+        let backend = &self.vault.backend;
+        backend.put(&pack_key(&pack), &b.data)?;
+        let sealed_index = self
+            .vault
+            .keys
+            .seal(BlobKind::PackIndex, &pack.0, &index, 1);
+        backend.put(&index_key(&pack), &sealed_index)?;
+        self.vault.insert_pack(pack, &b.entries);
+        let mut p = self.pending.lock().unwrap();
+        for e in &b.entries {
+            p.remove(&e.id);
+        }
+        self.packs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Upload the last partial pack. Call before writing a manifest.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn flush(&self) -> Result<WriteStats> {
+        let b = {
+            let mut b = self.buf.lock().unwrap();
+            std::mem::replace(&mut *b, PackBuf::new(0))
+        };
+        self.upload(b)?;
+        Ok(self.stats())
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        WriteStats {
+            new_chunks: self.new_chunks.load(Ordering::Relaxed),
+            new_raw_bytes: self.new_raw.load(Ordering::Relaxed),
+            new_stored_bytes: self.new_stored.load(Ordering::Relaxed),
+            packs: self.packs.load(Ordering::Relaxed),
+        }
+    }
+}

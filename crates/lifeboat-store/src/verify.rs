@@ -1,0 +1,220 @@
+//! `vault verify`: find every damaged point, volume and offset.
+//!
+//! Without `read_data`: every manifest decodes, every index piece is
+//! readable, every chunk a point needs is in an index and its pack exists.
+//! With `read_data`: additionally every pack is read once and every blob in
+//! it is decrypted and checked against its id.
+
+use std::collections::{HashMap, HashSet};
+
+use lifeboat_format::pack::pack_trailer;
+use lifeboat_format::{ChunkId, PackId};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::vault::{pack_key, Vault};
+
+/// One problem, as precise as we can name it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    pub point: Option<String>,
+    pub volume: Option<String>,
+    /// Byte offset in the volume of the damaged chunk.
+    pub offset: Option<u64>,
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(p) = &self.point {
+            write!(f, "point {p}")?;
+        }
+        if let Some(v) = &self.volume {
+            write!(f, " volume {v}")?;
+        }
+        if let Some(o) = self.offset {
+            write!(f, " offset {o}")?;
+        }
+        if let Some(o) = &self.object {
+            write!(
+                f,
+                "{}object {o}",
+                if self.point.is_some() { " " } else { "" }
+            )?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub points: usize,
+    pub chunks_referenced: usize,
+    pub packs: usize,
+    pub blobs_read: usize,
+    pub bytes_read: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Check the vault. Problems are collected, not returned as errors.
+///
+/// # Errors
+/// Only when the vault cannot be listed at all.
+pub fn verify(
+    vault: &Vault,
+    read_data: bool,
+    mut progress: impl FnMut(u64),
+) -> Result<VerifyReport> {
+    let mut r = VerifyReport::default();
+    if let Err(e) = vault.reload_index() {
+        r.problems.push(Problem {
+            point: None,
+            volume: None,
+            offset: None,
+            object: Some("index/".into()),
+            message: e.to_string(),
+        });
+    }
+    let packs: HashSet<PackId> = vault
+        .backend()
+        .list("packs/")?
+        .into_iter()
+        .filter_map(|o| o.key.rsplit('/').next()?.parse().ok())
+        .collect();
+    r.packs = packs.len();
+
+    // Bad blobs found by reading packs: id -> reason.
+    let mut bad: HashMap<ChunkId, String> = HashMap::new();
+    if read_data {
+        let index = vault.index_snapshot();
+        let mut by_pack: HashMap<PackId, Vec<(ChunkId, crate::vault::Location)>> = HashMap::new();
+        for (id, loc) in index {
+            by_pack.entry(loc.pack).or_default().push((id, loc));
+        }
+        for (pack, blobs) in by_pack {
+            let raw = match vault.backend().get(&pack_key(&pack)) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    for (id, _) in blobs {
+                        bad.insert(id, format!("pack {pack} unreadable: {e}"));
+                    }
+                    continue;
+                }
+            };
+            r.bytes_read += raw.len() as u64;
+            progress(raw.len() as u64);
+            if *blake3::hash(&raw).as_bytes() != pack.0 {
+                r.problems.push(Problem {
+                    point: None,
+                    volume: None,
+                    offset: None,
+                    object: Some(pack_key(&pack)),
+                    message: "pack content does not match its id (damaged)".into(),
+                });
+            }
+            if let Err(e) = pack_trailer(&raw) {
+                r.problems.push(Problem {
+                    point: None,
+                    volume: None,
+                    offset: None,
+                    object: Some(pack_key(&pack)),
+                    message: format!("pack trailer: {e}"),
+                });
+            }
+            for (id, loc) in blobs {
+                r.blobs_read += 1;
+                let end = loc.offset + loc.len as u64;
+                let res = if end as usize > raw.len() {
+                    Err(format!(
+                        "blob at {}..{end} lies past the end of pack {pack}",
+                        loc.offset
+                    ))
+                } else {
+                    vault
+                        .open_blob(
+                            &id,
+                            loc.kind,
+                            &raw[loc.offset as usize..end as usize],
+                            "verify",
+                        )
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                };
+                if let Err(m) = res {
+                    bad.insert(id, m);
+                }
+            }
+        }
+    }
+
+    let mut referenced = HashSet::new();
+    for (id, m) in vault.load_all_manifests()? {
+        r.points += 1;
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                r.problems.push(Problem {
+                    point: Some(id.to_string()),
+                    volume: None,
+                    offset: None,
+                    object: None,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for v in &m.volumes {
+            let vol = Some(v.name.to_string());
+            let point = Some(id.to_string());
+            let ix = match vault.load_fixed_index(&id, v) {
+                Ok(ix) => ix,
+                Err(e) => {
+                    r.problems.push(Problem {
+                        point,
+                        volume: vol,
+                        offset: None,
+                        object: None,
+                        message: format!("index unreadable: {e}"),
+                    });
+                    continue;
+                }
+            };
+            for (i, c) in ix.chunks.iter().enumerate() {
+                if c.is_zero() {
+                    continue;
+                }
+                referenced.insert(*c);
+                let offset = Some(ix.range(i).start);
+                let msg = match vault.locate(c) {
+                    None => Some(format!("chunk {} is missing", &c.to_hex()[..16])),
+                    Some(loc) if !packs.contains(&loc.pack) => Some(format!(
+                        "chunk {} is in pack {} which is gone",
+                        &c.to_hex()[..16],
+                        loc.pack
+                    )),
+                    Some(_) => bad
+                        .get(c)
+                        .map(|m| format!("chunk {} is damaged: {m}", &c.to_hex()[..16])),
+                };
+                if let Some(message) = msg {
+                    r.problems.push(Problem {
+                        point: point.clone(),
+                        volume: vol.clone(),
+                        offset,
+                        object: None,
+                        message,
+                    });
+                }
+            }
+        }
+    }
+    r.chunks_referenced = referenced.len();
+    Ok(r)
+}

@@ -1,0 +1,66 @@
+//! `lifeboat`: the command-line interface. Thin: parsing, output and
+//! progress here; the work is in the library crates.
+
+mod cmd;
+mod common;
+mod sample;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lifeboat",
+    version,
+    about = "Open-source site recovery for Linux: protect block volumes, keep recovery points, copy big images",
+    long_about = "Lifeboat protects block volumes (disk images, block devices, VM disks) by taking \
+recovery points into an encrypted, deduplicated vault on local disk or object storage \
+(S3, Azure Blob, GCS), and restores them; it also copies big sparse images with honest progress.\n\n\
+The vault password comes from LIFEBOAT_PASSWORD or --password-file (never from the command line), \
+or use --key-file.",
+    after_help = "Examples:\n  lifeboat demo\n  LIFEBOAT_PASSWORD=s3cret lifeboat vault init /srv/vault\n  \
+LIFEBOAT_PASSWORD=s3cret lifeboat point create /srv/vault --volume disk0=/var/lib/images/vm.raw\n  \
+lifeboat copy vm.raw az://images/vm.raw --verify"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create, check and prune vaults
+    #[command(subcommand)]
+    Vault(cmd::vault::VaultCmd),
+    /// Take, list, compare and restore recovery points
+    #[command(subcommand)]
+    Point(cmd::point::PointCmd),
+    /// Copy a big (sparse) image between files, devices and object stores
+    Copy(cmd::copy::CopyArgs),
+    /// Run the whole cycle on a sample volume in a temporary directory
+    Demo(cmd::demo::DemoArgs),
+    /// Tools for tests and benchmarks (sample images)
+    #[command(subcommand, hide = true)]
+    Debug(cmd::debug::DebugCmd),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Vault(c) => cmd::vault::run(c),
+        Cmd::Point(c) => cmd::point::run(c),
+        Cmd::Copy(a) => cmd::copy::run(a),
+        Cmd::Demo(a) => cmd::demo::run(a),
+        Cmd::Debug(c) => cmd::debug::run(c),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
