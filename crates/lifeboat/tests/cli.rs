@@ -720,3 +720,111 @@ fn demo_runs_end_to_end() {
     assert!(r["dedup_compression_ratio"].as_f64().unwrap() > 1.5);
     assert!(r["change_stored"].as_u64().unwrap() <= 3 * r["change_written"].as_u64().unwrap());
 }
+
+#[test]
+fn hooks_run_around_the_point_and_a_failed_pre_hook_aborts() {
+    let e = Env::new();
+    let v = e.vault();
+    e.ok(&["vault", "init", &v]);
+    let img = e.image("disk.raw", "8MiB", "2MiB", 5);
+    let log = e.p("hooks.log");
+    let pre = format!("echo pre >> {}", log.display());
+    let post = format!("echo post >> {}", log.display());
+    let c = e.json(&[
+        "point",
+        "create",
+        &v,
+        "--volume",
+        &format!("d={}", img.display()),
+        "--pre-hook",
+        &pre,
+        "--post-hook",
+        &post,
+        "--json",
+    ]);
+    assert_eq!(c["point"]["kind"], "app-consistent");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost\n");
+
+    let err = e.fail(&[
+        "point",
+        "create",
+        &v,
+        "--volume",
+        &format!("d={}", img.display()),
+        "--pre-hook",
+        "exit 3",
+        "--post-hook",
+        &post,
+    ]);
+    assert!(
+        err.contains("pre hook") && err.contains("no point was taken"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre\npost\npost\n",
+        "post hook undoes a failed pre hook"
+    );
+    assert_eq!(
+        e.json(&["point", "list", &v, "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let err = e.fail(&["point", "create", &v, "--volume", "bad name=/x"]);
+    assert!(err.contains("volume name"), "{err}");
+    let err = e.fail(&[
+        "point",
+        "create",
+        &v,
+        "--volume",
+        &format!("d={}", e.p("missing").display()),
+    ]);
+    assert!(err.contains("missing") && err.contains("open"), "{err}");
+}
+
+#[test]
+fn restore_into_a_block_device_in_place() {
+    let e = Env::new();
+    let v = e.vault();
+    e.ok(&["vault", "init", &v]);
+    let img = e.image("disk.raw", "16MiB", "4MiB", 7);
+    e.ok(&[
+        "point",
+        "create",
+        &v,
+        "--volume",
+        &format!("d={}", img.display()),
+    ]);
+    // a loop device over a file full of old data stands in for a disk
+    let backing = e.p("backing");
+    std::fs::write(&backing, vec![0xeeu8; 16 << 20]).unwrap();
+    let o = Command::new("losetup")
+        .args(["--find", "--show", backing.to_str().unwrap()])
+        .output();
+    let dev = match o {
+        Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap().trim().to_string(),
+        _ => {
+            eprintln!("skipped: no loop device (needs root)");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _d = Detach(dev.clone());
+    e.ok(&[
+        "point", "restore", &v, "latest", "--volume", "d", "--to", &dev, "--verify",
+    ]);
+    let got = std::fs::read(&backing).unwrap();
+    assert_eq!(
+        got,
+        std::fs::read(&img).unwrap(),
+        "device holds the volume, old data in holes zeroed"
+    );
+}

@@ -338,7 +338,14 @@ fn create(a: CreateArgs) -> Result<()> {
         opts.threads = t.max(1);
     }
     if let Some(h) = &a.pre_hook {
-        run_hook("pre", h)?;
+        if let Err(e) = run_hook("pre", h) {
+            // Undo whatever the pre hook did before it failed (e.g. a freeze
+            // of some of several file systems).
+            if let Some(post) = &a.post_hook {
+                let _ = run_hook("post", post);
+            }
+            return Err(e.context("no point was taken"));
+        }
         opts.kind = PointKind::AppConsistent;
     }
     let bar = Bar::new("scan", a.json);

@@ -1,0 +1,16 @@
+//! Every decoder of lifeboat-format on the same input: none may panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use lifeboat_format::{blob, config, index, lock, manifest, pack};
+
+fuzz_target!(|data: &[u8]| {
+    let _ = blob::parse_sealed(data);
+    let _ = blob::parse_inner(data);
+    let _ = pack::decode_pack_index(data);
+    let _ = pack::pack_trailer(data);
+    let _ = index::FixedIndex::decode(data);
+    let _ = manifest::Manifest::decode(data);
+    let _ = config::VaultConfig::decode(data);
+    let _ = lock::LockRecord::decode(data);
+    let _ = lock::Condemned::decode(data);
+});
