@@ -239,22 +239,43 @@ fn write_chunks(
         }
     }
 
+    // Decoders (one per thread) turn packs into runs of contiguous plaintext;
+    // one writer thread writes them. One writer, not one per decoder: two
+    // threads writing one file contend on its inode lock and spin in the
+    // kernel, which costs more than the writes.
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<CaptureError>> = Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(8);
     std::thread::scope(|s| {
+        let failed = &failed;
+        s.spawn(move || {
+            for (off, buf) in rx {
+                if failed.lock().unwrap().is_some() {
+                    continue; // drain
+                }
+                if let Err(e) = f.write_all_at(&buf, off) {
+                    *failed.lock().unwrap() = Some(CaptureError::io(path, "write", e));
+                    continue;
+                }
+                progress.advance(buf.len() as u64);
+            }
+        });
         for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
+            let tx = tx.clone();
+            let (next, work) = (&next, &work);
+            s.spawn(move || loop {
                 if failed.lock().unwrap().is_some() {
                     return;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(w) = work.get(i) else { return };
-                if let Err(e) = restore_pack(vault, ix, f, path, w, needed_by, progress) {
+                if let Err(e) = restore_pack(vault, ix, w, needed_by, &tx) {
                     *failed.lock().unwrap() = Some(e);
                     return;
                 }
             });
         }
+        drop(tx);
     });
     match failed.into_inner().unwrap() {
         Some(e) => Err(e),
@@ -262,14 +283,15 @@ fn write_chunks(
     }
 }
 
+/// Largest run handed to the writer at once.
+const RUN_MAX: usize = 1 << 20;
+
 fn restore_pack(
     vault: &Vault,
     ix: &FixedIndex,
-    f: &File,
-    path: &Path,
     w: &PackWork,
     needed_by: &str,
-    progress: &dyn Progress,
+    tx: &std::sync::mpsc::SyncSender<(u64, Vec<u8>)>,
 ) -> Result<()> {
     let key = pack_key(&w.pack);
     let needed: u64 = w.blobs.iter().map(|b| b.1.len as u64).sum();
@@ -291,11 +313,17 @@ fn restore_pack(
     } else {
         None
     };
+    // (position, index of the decoded chunk)
+    let mut places: Vec<(usize, usize)> = Vec::new();
+    let mut plains: Vec<Vec<u8>> = Vec::with_capacity(w.blobs.len());
     for (id, loc, pos) in &w.blobs {
         let raw_owned;
         let raw: &[u8] = match &span {
             Some(s) => {
-                &s[(loc.offset - first) as usize..(loc.offset - first + loc.len as u64) as usize]
+                let a = (loc.offset - first) as usize;
+                s.get(a..a + loc.len as usize).ok_or_else(|| {
+                    StoreError::Corrupt(format!("pack {} is shorter than its index says", w.pack))
+                })?
             }
             None => {
                 raw_owned = vault
@@ -305,28 +333,44 @@ fn restore_pack(
                 &raw_owned
             }
         };
-        let plain = vault.open_blob(
-            id,
-            loc.kind,
-            raw,
-            &format!(
-                "{needed_by} at offset {}",
-                pos[0] as u64 * ix.chunk_size as u64
-            ),
-        )?;
+        let where_ = format!(
+            "{needed_by} at offset {}",
+            pos[0] as u64 * ix.chunk_size as u64
+        );
+        let plain = vault.open_blob(id, loc.kind, raw, &where_)?;
         for p in pos {
             let r = ix.range(*p);
-            let n = (r.end - r.start) as usize;
-            if plain.len() < n {
+            if (plain.len() as u64) < r.end - r.start {
                 return Err(StoreError::Corrupt(format!(
                     "chunk {id} is shorter than its place in {needed_by}"
                 ))
                 .into());
             }
-            f.write_all_at(&plain[..n], r.start)
-                .map_err(|e| CaptureError::io(path, "write", e))?;
-            progress.advance(n as u64);
+            places.push((*p, plains.len()));
         }
+        plains.push(plain);
+    }
+    // Coalesce contiguous positions into runs of up to RUN_MAX bytes.
+    places.sort_unstable();
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_start = 0u64;
+    for (p, k) in places {
+        let r = ix.range(p);
+        let n = (r.end - r.start) as usize;
+        if !run.is_empty() && (run_start + run.len() as u64 != r.start || run.len() + n > RUN_MAX) {
+            let full = std::mem::take(&mut run);
+            if tx.send((run_start, full)).is_err() {
+                return Ok(()); // the writer stopped on an error it reports
+            }
+        }
+        if run.is_empty() {
+            run_start = r.start;
+            run.reserve(RUN_MAX);
+        }
+        run.extend_from_slice(&plains[k][..n]);
+    }
+    if !run.is_empty() {
+        let _ = tx.send((run_start, run));
     }
     Ok(())
 }

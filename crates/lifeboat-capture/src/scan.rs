@@ -146,7 +146,7 @@ pub fn create_point(
         nominal,
     );
 
-    let (_lock, writer) = vault.begin_write()?;
+    let (lock, writer) = vault.begin_write()?;
     let parent = vault.list_points()?.last().copied();
     let mut entries = Vec::new();
     for src in &sources {
@@ -193,6 +193,7 @@ pub fn create_point(
         journal_seq: None,
         volumes: entries.clone(),
     };
+    lock.check_held()?;
     vault.save_manifest(&m)?;
     Ok(CreateReport {
         id,
@@ -290,4 +291,97 @@ fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_store::backend::memory::MemoryBackend;
+    use lifeboat_store::{InitOptions, Secret};
+    use std::fs::OpenOptions;
+    use std::sync::atomic::AtomicBool;
+
+    fn vault() -> Arc<Vault> {
+        let opts = InitOptions {
+            chunk_size: 4096,
+            ..Default::default()
+        };
+        Arc::new(
+            Vault::init(
+                Arc::new(MemoryBackend::new()),
+                &Secret::Password(b"pw".to_vec()),
+                &opts,
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Grows the volume on the first progress report, as a writer would.
+    struct Grow(PathBuf, AtomicBool);
+    impl Progress for Grow {
+        fn start(&self, _: u64, _: u64) {}
+        fn advance(&self, _: u64) {
+            if !self.1.swap(true, Ordering::SeqCst) {
+                let f = OpenOptions::new().write(true).open(&self.0).unwrap();
+                f.set_len(f.metadata().unwrap().len() + 4096).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_volume_that_changes_size_gives_no_point() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vol");
+        std::fs::write(&p, vec![5u8; 1 << 20]).unwrap();
+        let v = vault();
+        let specs = vec![VolumeSpec {
+            name: "d".parse().unwrap(),
+            path: p.clone(),
+        }];
+        let e = create_point(
+            &v,
+            &specs,
+            &CreateOptions::default(),
+            &Grow(p, AtomicBool::new(false)),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("changed size during the scan"),
+            "{e}"
+        );
+        assert!(v.list_points().unwrap().is_empty());
+    }
+
+    #[test]
+    fn holes_and_zero_chunks_are_not_stored_and_dedup_works() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vol");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        // two identical data chunks, one explicit zero chunk, the rest holes
+        f.write_all_at(&[9u8; 4096], 0).unwrap();
+        f.write_all_at(&[9u8; 4096], 8192).unwrap();
+        f.write_all_at(&[0u8; 4096], 65536).unwrap();
+        let v = vault();
+        let specs = vec![VolumeSpec {
+            name: "d".parse().unwrap(),
+            path: p,
+        }];
+        let r = create_point(&v, &specs, &CreateOptions::default(), &NoProgress).unwrap();
+        // one data chunk (stored once) + the index pieces
+        assert_eq!(
+            r.stored.new_chunks,
+            1 + r.volumes[0].index.len() as u64,
+            "{:?}",
+            r.stored
+        );
+        assert_eq!(r.stored.new_raw_bytes - 4096, (32 + 256 * 32 + 32) as u64);
+        assert_eq!(r.volumes[0].data_chunks, 2);
+        let r2 = create_point(&v, &specs, &CreateOptions::default(), &NoProgress).unwrap();
+        assert_eq!(
+            r2.stored.new_chunks, 0,
+            "an unchanged volume stores nothing"
+        );
+        assert_eq!(r2.parent, Some(r.id));
+    }
 }

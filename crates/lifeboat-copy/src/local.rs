@@ -174,6 +174,7 @@ pub(crate) fn local_to_local(
     let (d, done, part, ckpt, dir) = open_partial(dst, &src_name, size, &version, opts.resume)?;
     report.resumed_from = done;
     let mut since = 0u64;
+    let mut last_ckpt = std::time::Instant::now();
     let mut method = String::from("copy_file_range");
     for r in &extents {
         if r.end <= done {
@@ -184,12 +185,17 @@ pub(crate) fn local_to_local(
         progress.advance(start - r.start);
         let mut pos = start;
         while pos < r.end {
-            let end = (pos + opts.checkpoint_every - since).min(r.end);
+            let end = (pos + opts.checkpoint_every.saturating_sub(since).max(1 << 20)).min(r.end);
             method = copy_range(&s, &d, src, &part, pos, end, progress)?;
             report.transferred_bytes += end - pos;
             since += end - pos;
             pos = end;
-            if since >= opts.checkpoint_every {
+            // Checkpoint by bytes, but not more often than every 10 s: each
+            // checkpoint waits for an fsync, which would stall a fast copy.
+            let due = opts.fail_after_checkpoint.is_some()
+                || last_ckpt.elapsed() >= std::time::Duration::from_secs(10);
+            if since >= opts.checkpoint_every && due {
+                last_ckpt = std::time::Instant::now();
                 d.sync_data().map_err(|e| io_err(&part, "fsync", e))?;
                 save_checkpoint(
                     &ckpt,

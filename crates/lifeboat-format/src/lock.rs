@@ -1,8 +1,10 @@
 //! Lock records (`locks/<kind>-<random>`), sealed as `Lock` blobs.
 //!
-//! Writers (point create) hold a *shared* lock while they run; prune reads
-//! them to decide which condemned packs are safe to delete. A lock not
-//! refreshed for [`STALE_AFTER_SECS`] belongs to a dead process.
+//! Writers (point create) hold a *writer* lock while they run; prune deletes
+//! condemned packs only when no writer lock is live. A lock not refreshed for
+//! [`STALE_AFTER_SECS`] belongs to a dead process. Lock records and the
+//! condemned list are JSON sealed with the vault key (AEAD), not framed with
+//! a magic: they are short-lived coordination objects, not data.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,13 +54,22 @@ impl LockRecord {
 
 /// The condemned-pack list of prune (`condemned`, sealed as a `Lock` blob):
 /// packs found unreferenced, with the time they were condemned. Writers never
-/// reuse chunks from a condemned pack; prune deletes a condemned pack only
-/// when every live writer started after it was condemned.
+/// reuse chunks from a condemned (or deleted) pack; prune deletes a
+/// condemned pack only when no writer runs and no point references it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condemned {
+    /// Condemned packs and when they were condemned.
     pub packs: Vec<(crate::PackId, u64)>,
+    /// Tombstones: packs prune deleted, and when. Writers treat them as
+    /// condemned, so a writer whose view of `index/` predates the deletion
+    /// never uses them; dropped after [`TOMBSTONE_SECS`].
+    #[serde(default)]
+    pub deleted: Vec<(crate::PackId, u64)>,
 }
+
+/// How long a tombstone stays in the condemned list.
+pub const TOMBSTONE_SECS: u64 = 86_400;
 
 impl Condemned {
     pub fn encode(&self) -> Vec<u8> {

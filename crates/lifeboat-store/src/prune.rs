@@ -3,19 +3,23 @@
 //!
 //! # Safety with concurrent writers
 //! Packs are never rewritten. Garbage collection *condemns* packs that no
-//! manifest references (and packs that have no index object), recording the
-//! time in the `condemned` object. A writer takes its lock first, then reads
-//! the condemned list, and never deduplicates against a condemned pack.
-//! Prune deletes a condemned pack only if it is still unreferenced and every
-//! live writer lock started after the pack was condemned — such a writer has
-//! seen the list, so it cannot depend on the pack. Prune writes the list
-//! before it reads the locks, so a writer whose lock it misses must have read
-//! the list afterwards. When no writer runs, condemned packs are deleted in
-//! the same run.
+//! manifest references (and packs that have no index object), recording them
+//! in the `condemned` object. A writer takes its lock first, then loads the
+//! pack indexes and the condemned list, and never deduplicates against a
+//! condemned or deleted pack.
+//!
+//! Prune writes the condemned list, then reads the locks. If any writer lock
+//! is live (or a lock cannot be read), it deletes nothing and defers: a
+//! running writer may have loaded its view before the packs were condemned.
+//! Otherwise it re-reads the indexes and manifests — so a writer that
+//! finished while prune ran is seen — and deletes the condemned packs that
+//! are still unreferenced, leaving tombstones in the list. A writer that
+//! starts after prune read the locks loads the list written before that, so
+//! it avoids the condemned packs. Only one prune runs at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use lifeboat_format::lock::{Condemned, LockKind};
+use lifeboat_format::lock::{LockKind, TOMBSTONE_SECS};
 use lifeboat_format::manifest::Manifest;
 use lifeboat_format::{ChunkId, PackId, PointId};
 use serde::Serialize;
@@ -140,8 +144,10 @@ pub struct GcPlan {
     pub condemn: Vec<PackId>,
     /// Condemned packs that are safe to delete now.
     pub delete: Vec<PackId>,
-    /// Condemned packs kept because a writer that started earlier still runs.
+    /// Condemned packs kept because a writer runs (see `blocked_by`).
     pub deferred: Vec<PackId>,
+    /// Why deletion was deferred: the live locks that block it.
+    pub blocked_by: Vec<String>,
     pub delete_bytes: u64,
     /// Bytes of unreferenced blobs inside packs that are still in use.
     pub unreferenced_in_live_packs: u64,
@@ -172,10 +178,38 @@ pub fn referenced_chunks(vault: &Vault, manifests: &[Manifest]) -> Result<HashSe
     Ok(set)
 }
 
+/// Every chunk the kept points need must have a known location: otherwise
+/// an index object is missing and prune must not guess.
+fn check_located(vault: &Vault, referenced: &HashSet<ChunkId>) -> Result<()> {
+    let missing = referenced
+        .iter()
+        .filter(|c| vault.locate(c).is_none())
+        .count();
+    if missing > 0 {
+        return Err(StoreError::Corrupt(format!(
+            "{missing} chunk(s) that kept points need are in no pack index; prune stopped, nothing was deleted (run `lifeboat vault verify`)"
+        )));
+    }
+    Ok(())
+}
+
+fn load_manifests(vault: &Vault) -> Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    for (id, m) in vault.load_all_manifests()? {
+        out.push(m.map_err(|e| {
+            StoreError::Corrupt(format!(
+                "point {id} cannot be read ({e}); prune stopped, nothing was removed"
+            ))
+        })?);
+    }
+    Ok(out)
+}
+
 /// Apply a retention policy and collect garbage.
 ///
 /// # Errors
-/// A damaged manifest or index (nothing is deleted then), backend errors.
+/// Another prune is running, a damaged manifest or index (nothing is
+/// deleted then), backend errors.
 pub fn prune(vault: &Vault, policy: &RetentionPolicy, dry_run: bool) -> Result<PruneReport> {
     if policy.is_empty() {
         return Err(StoreError::Invalid(
@@ -183,20 +217,23 @@ pub fn prune(vault: &Vault, policy: &RetentionPolicy, dry_run: bool) -> Result<P
                 .into(),
         ));
     }
-    let _lock = if dry_run {
+    let lock = if dry_run {
         None
     } else {
         Some(vault.lock(LockKind::Prune)?)
     };
-    vault.reload_index()?;
-    let mut manifests = Vec::new();
-    for (id, m) in vault.load_all_manifests()? {
-        manifests.push(m.map_err(|e| {
-            StoreError::Corrupt(format!(
-                "point {id} cannot be read ({e}); prune stopped, nothing was removed"
-            ))
-        })?);
+    if let Some(l) = &lock {
+        for (key, r) in vault.live_locks()? {
+            if key != l.name() && r.as_ref().is_none_or(|r| r.kind == LockKind::Prune) {
+                return Err(StoreError::Invalid(format!(
+                    "another prune holds {key}{}; run prune again when it has finished (nothing was removed)",
+                    r.map(|r| format!(" (host {}, pid {})", r.hostname, r.pid)).unwrap_or_default()
+                )));
+            }
+        }
     }
+    vault.reload_index()?;
+    let manifests = load_manifests(vault)?;
     let points: Vec<_> = manifests
         .iter()
         .map(|m| (m.id, m.time, m.tags.clone()))
@@ -210,54 +247,86 @@ pub fn prune(vault: &Vault, policy: &RetentionPolicy, dry_run: bool) -> Result<P
     let removed = decisions.len() - kept.len();
 
     let referenced = referenced_chunks(vault, &kept)?;
+    check_located(vault, &referenced)?;
     let gc = plan_gc(vault, &referenced)?;
-    let report = PruneReport {
+    let mut report = PruneReport {
         points: decisions.clone(),
         removed_points: removed,
-        gc: gc.clone(),
+        gc,
         dry_run,
     };
-    if dry_run {
-        return Ok(report);
-    }
-    // 1. remove manifests; 2. condemn; 3. read locks; 4. delete.
+    let Some(lock) = lock else { return Ok(report) };
+
+    // 1. remove manifests; 2. condemn; 3. read locks; 4. fresh view; 5. delete.
     for d in decisions.iter().filter(|d| !d.keep) {
         vault.delete_manifest(&d.id)?;
     }
-    let now = crate::now_secs();
     let mut condemned = vault.load_condemned()?;
     let already: HashSet<PackId> = condemned.packs.iter().map(|(p, _)| *p).collect();
-    for p in &gc.condemn {
+    let now = crate::now_secs();
+    for p in &report.gc.condemn {
         if !already.contains(p) {
             condemned.packs.push((*p, now));
         }
     }
     vault.save_condemned(&condemned)?;
-    let still_used = packs_in_use(vault, &referenced);
-    let (delete, deferred) = deletable(vault, &condemned, &still_used)?;
+
+    let blockers: Vec<String> = vault
+        .live_locks()?
+        .into_iter()
+        .filter(|(key, r)| {
+            key != lock.name() && r.as_ref().is_none_or(|r| r.kind == LockKind::Writer)
+        })
+        .map(|(key, r)| match r {
+            Some(r) => format!("{key} (writer on {}, pid {})", r.hostname, r.pid),
+            None => format!("{key} (unreadable; remove it if no Lifeboat process runs)"),
+        })
+        .collect();
+    if !blockers.is_empty() {
+        report.gc.deferred = condemned.packs.iter().map(|(p, _)| *p).collect();
+        report.gc.delete = vec![];
+        report.gc.blocked_by = blockers;
+        return Ok(report);
+    }
+
+    // No writer runs now, and one that starts from here on sees the list.
+    // Re-read everything: a writer may have finished while we planned.
+    vault.reload_index()?;
+    let fresh = load_manifests(vault)?;
+    let referenced_now = referenced_chunks(vault, &fresh)?;
+    check_located(vault, &referenced_now)?;
+    let still_used = packs_in_use(vault, &referenced_now);
+    let now = crate::now_secs();
     let mut done = Vec::new();
-    for p in &delete {
+    let mut keep_condemned = Vec::new();
+    for (p, when) in std::mem::take(&mut condemned.packs) {
+        if still_used.contains(&p) {
+            continue; // referenced again: no longer condemned
+        }
         // Index first: a pack without index is garbage to the next prune,
         // an index without pack would be a dangling promise.
-        vault.backend().delete(&index_key(p))?;
-        vault.backend().delete(&pack_key(p))?;
-        done.push(*p);
+        match vault
+            .backend()
+            .delete(&index_key(&p))
+            .and_then(|_| vault.backend().delete(&pack_key(&p)))
+        {
+            Ok(()) => {
+                done.push(p);
+                condemned.deleted.push((p, now));
+            }
+            Err(e) => {
+                tracing::warn!("cannot delete pack {p}: {e}");
+                keep_condemned.push((p, when));
+            }
+        }
     }
-    let gone: HashSet<PackId> = done.iter().copied().collect();
-    let remaining = Condemned {
-        // A pack a point references again (a writer that raced the previous
-        // prune) is no longer condemned.
-        packs: condemned
-            .packs
-            .into_iter()
-            .filter(|(p, _)| !gone.contains(p) && !still_used.contains(p))
-            .collect(),
-    };
-    vault.save_condemned(&remaining)?;
+    condemned.packs = keep_condemned;
+    condemned
+        .deleted
+        .retain(|(_, t)| now.saturating_sub(*t) < TOMBSTONE_SECS);
+    vault.save_condemned(&condemned)?;
     vault.reload_index()?;
-    let mut report = report;
     report.gc.delete = done;
-    report.gc.deferred = deferred;
     Ok(report)
 }
 
@@ -306,33 +375,6 @@ fn packs_in_use(vault: &Vault, referenced: &HashSet<ChunkId>) -> HashSet<PackId>
         .filter(|(id, _)| referenced.contains(id))
         .map(|(_, loc)| loc.pack)
         .collect()
-}
-
-fn deletable(
-    vault: &Vault,
-    condemned: &Condemned,
-    still_used: &HashSet<PackId>,
-) -> Result<(Vec<PackId>, Vec<PackId>)> {
-    let writers: Vec<u64> = vault
-        .live_locks()?
-        .into_iter()
-        .filter(|(_, r)| r.kind == LockKind::Writer)
-        .map(|(_, r)| r.started)
-        .collect();
-    let (mut del, mut defer) = (Vec::new(), Vec::new());
-    for (p, when) in &condemned.packs {
-        if still_used.contains(p) {
-            continue;
-        }
-        // A writer that started in the same second as the condemnation may
-        // have read the list before it: require strictly later.
-        if writers.iter().all(|started| *started > *when) {
-            del.push(*p);
-        } else {
-            defer.push(*p);
-        }
-    }
-    Ok((del, defer))
 }
 
 #[cfg(test)]

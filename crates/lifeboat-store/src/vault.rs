@@ -295,7 +295,12 @@ impl Vault {
     /// Backend errors or a damaged list.
     pub fn reload_condemned(&self) -> Result<()> {
         let c = self.load_condemned()?;
-        *self.condemned.write().unwrap() = c.packs.into_iter().map(|(p, _)| p).collect();
+        *self.condemned.write().unwrap() = c
+            .packs
+            .into_iter()
+            .chain(c.deleted)
+            .map(|(p, _)| p)
+            .collect();
         Ok(())
     }
 
@@ -565,8 +570,10 @@ impl Vault {
         let sealed = self.keys.seal(BlobKind::Lock, &[0; 32], &rec.encode(), 1);
         self.backend.put(&name, &sealed)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let last_ok = Arc::new(AtomicU64::new(now));
         let refresher = {
             let stop = stop.clone();
+            let last_ok = last_ok.clone();
             let backend = self.backend.clone();
             let mut rec = rec.clone();
             let name = name.clone();
@@ -580,8 +587,9 @@ impl Vault {
                         waited = 0;
                         rec.refreshed = crate::now_secs();
                         let sealed = sealer.seal(BlobKind::Lock, &[0; 32], &rec.encode(), 1);
-                        if let Err(e) = backend.put(&name, &sealed) {
-                            tracing::warn!("cannot refresh lock {name}: {e}");
+                        match backend.put(&name, &sealed) {
+                            Ok(()) => last_ok.store(rec.refreshed, Ordering::SeqCst),
+                            Err(e) => tracing::warn!("cannot refresh lock {name}: {e}"),
                         }
                     }
                 }
@@ -591,15 +599,18 @@ impl Vault {
             backend: self.backend.clone(),
             name,
             stop,
+            last_ok,
             refresher: Some(refresher),
         })
     }
 
-    /// Live (not stale) locks.
+    /// Live (not stale) locks; `None` for a lock object that cannot be read
+    /// (written by a newer Lifeboat, or damaged): callers must assume the
+    /// worst of it.
     ///
     /// # Errors
     /// Backend errors.
-    pub fn live_locks(&self) -> Result<Vec<(String, LockRecord)>> {
+    pub fn live_locks(&self) -> Result<Vec<(String, Option<LockRecord>)>> {
         let now = crate::now_secs();
         let mut out = Vec::new();
         for o in self.backend.list("locks/")? {
@@ -614,22 +625,23 @@ impl Vault {
                 .ok()
                 .and_then(|p| LockRecord::decode(&p).ok());
             match rec {
-                Some(r) if !r.is_stale(now) => out.push((o.key, r)),
-                Some(_) => {}
-                None => tracing::warn!("ignoring unreadable lock {}", o.key),
+                Some(r) if r.is_stale(now) => {}
+                r => out.push((o.key, r)),
             }
         }
         Ok(out)
     }
 
-    /// Start writing: take a writer lock, then re-read the condemned list
-    /// (in that order: see [`crate::prune`]).
+    /// Start writing: take a writer lock, then load the pack indexes and the
+    /// condemned list (in that order: see [`crate::prune`]).
     ///
     /// # Errors
     /// Backend errors.
     pub fn begin_write(self: &Arc<Self>) -> Result<(LockGuard, PackWriter)> {
         let lock = self.lock(LockKind::Writer)?;
-        self.reload_condemned()?;
+        // Both after the lock: a prune that missed our lock wrote its
+        // condemned list (with tombstones of what it deletes) before.
+        self.reload_index()?;
         Ok((lock, PackWriter::new(self.clone())))
     }
 }
@@ -639,7 +651,33 @@ pub struct LockGuard {
     backend: DynBackend,
     name: String,
     stop: Arc<AtomicBool>,
+    /// Time of the last successful write of the lock record.
+    last_ok: Arc<AtomicU64>,
     refresher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LockGuard {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Fail if the lock may have gone stale (refreshes failed, or the process
+    /// was suspended): prune may then have deleted packs this holder relies
+    /// on. Writers call this before writing a manifest.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] when the lock is close to stale.
+    pub fn check_held(&self) -> Result<()> {
+        let age = crate::now_secs().saturating_sub(self.last_ok.load(Ordering::SeqCst));
+        if age + REFRESH_SECS >= lifeboat_format::lock::STALE_AFTER_SECS {
+            return Err(StoreError::Invalid(format!(
+                "lock {} was not refreshed for {age} s (backend unreachable or process suspended); \
+                 no point was written, take it again",
+                self.name
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for LockGuard {
@@ -680,62 +718,104 @@ impl PackBuf {
 }
 
 /// Collects sealed blobs into packs and uploads them; safe to share between
-/// worker threads. A pack's index object is written after the pack, and its
+/// worker threads. Full packs go to background uploader threads through a
+/// bounded queue, so hashing and compression go on while a pack is written
+/// and fsynced. A pack's index object is written after the pack, and its
 /// entries become visible to dedup only then.
 pub struct PackWriter {
-    vault: Arc<Vault>,
+    shared: Arc<WriterShared>,
     buf: Mutex<PackBuf>,
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<PackBuf>>>,
+    uploaders: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+struct WriterShared {
+    vault: Arc<Vault>,
     /// Chunks added but not yet in an uploaded pack.
     pending: Mutex<HashSet<ChunkId>>,
+    /// The first upload error; later adds and flush return it.
+    failed: Mutex<Option<String>>,
     new_chunks: AtomicU64,
     new_raw: AtomicU64,
     new_stored: AtomicU64,
     packs: AtomicU64,
 }
 
+/// Packs being uploaded at once (and queued): bounds memory to a few packs.
+const UPLOADERS: usize = 2;
+
 impl PackWriter {
     fn new(vault: Arc<Vault>) -> Self {
         let cap = vault.config.pack_size as usize + (1 << 20);
-        PackWriter {
+        let shared = Arc::new(WriterShared {
             vault,
-            buf: Mutex::new(PackBuf::new(cap)),
             pending: Mutex::default(),
+            failed: Mutex::default(),
             new_chunks: AtomicU64::new(0),
             new_raw: AtomicU64::new(0),
             new_stored: AtomicU64::new(0),
             packs: AtomicU64::new(0),
+        });
+        let (tx, rx) = std::sync::mpsc::sync_channel::<PackBuf>(UPLOADERS);
+        let rx = Arc::new(Mutex::new(rx));
+        let uploaders = (0..UPLOADERS)
+            .map(|_| {
+                let rx = rx.clone();
+                let shared = shared.clone();
+                std::thread::spawn(move || loop {
+                    let next = rx.lock().unwrap().recv();
+                    let Ok(b) = next else { return };
+                    if shared.failed.lock().unwrap().is_some() {
+                        continue; // drain: nothing more is written after an error
+                    }
+                    if let Err(e) = shared.upload(b) {
+                        *shared.failed.lock().unwrap() = Some(e.to_string());
+                    }
+                })
+            })
+            .collect();
+        PackWriter {
+            shared,
+            buf: Mutex::new(PackBuf::new(cap)),
+            tx: Mutex::new(Some(tx)),
+            uploaders: Mutex::new(uploaders),
         }
     }
 
     pub fn vault(&self) -> &Arc<Vault> {
-        &self.vault
+        &self.shared.vault
+    }
+
+    fn check(&self) -> Result<()> {
+        match &*self.shared.failed.lock().unwrap() {
+            Some(e) => Err(StoreError::Invalid(format!("writing a pack failed: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Whether `id` is stored (usable) or already pending in this writer.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.vault.has_usable(id) || self.pending.lock().unwrap().contains(id)
+        self.shared.vault.has_usable(id) || self.shared.pending.lock().unwrap().contains(id)
     }
 
     /// Seal and add `data` (whose id is `id`) unless the vault has it.
     /// Returns whether it was new.
     ///
     /// # Errors
-    /// Backend errors when a full pack is uploaded.
+    /// An earlier upload failed.
     pub fn add(&self, kind: BlobKind, id: ChunkId, data: &[u8]) -> Result<bool> {
         if self.contains(&id) {
             return Ok(false);
         }
-        let sealed = self
-            .vault
-            .keys
-            .seal(kind, &id.0, data, self.vault.config.compression_level);
+        let v = &self.shared.vault;
+        let sealed = v.keys.seal(kind, &id.0, data, v.config.compression_level);
         self.add_sealed(kind, id, data.len() as u32, sealed)
     }
 
     /// Add an already sealed blob. Returns whether it was new.
     ///
     /// # Errors
-    /// Backend errors when a full pack is uploaded.
+    /// An earlier upload failed.
     pub fn add_sealed(
         &self,
         kind: BlobKind,
@@ -743,15 +823,17 @@ impl PackWriter {
         raw_len: u32,
         sealed: Vec<u8>,
     ) -> Result<bool> {
+        self.check()?;
+        let sh = &self.shared;
         {
-            let mut p = self.pending.lock().unwrap();
-            if self.vault.has_usable(&id) || !p.insert(id) {
+            let mut p = sh.pending.lock().unwrap();
+            if sh.vault.has_usable(&id) || !p.insert(id) {
                 return Ok(false);
             }
         }
-        self.new_chunks.fetch_add(1, Ordering::Relaxed);
-        self.new_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
-        self.new_stored
+        sh.new_chunks.fetch_add(1, Ordering::Relaxed);
+        sh.new_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
+        sh.new_stored
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);
         let full = {
             let mut b = self.buf.lock().unwrap();
@@ -764,39 +846,91 @@ impl PackWriter {
                 len: sealed.len() as u32,
                 raw_len,
             });
-            if b.data.len() >= self.vault.config.pack_size as usize {
-                let cap = self.vault.config.pack_size as usize + (1 << 20);
+            if b.data.len() >= sh.vault.config.pack_size as usize {
+                let cap = sh.vault.config.pack_size as usize + (1 << 20);
                 Some(std::mem::replace(&mut *b, PackBuf::new(cap)))
             } else {
                 None
             }
         };
         if let Some(full) = full {
-            self.upload(full)?;
+            self.send(full)?;
         }
         Ok(true)
     }
 
+    fn send(&self, b: PackBuf) -> Result<()> {
+        let tx = self.tx.lock().unwrap().clone();
+        match tx {
+            Some(tx) => {
+                if tx.send(b).is_err() {
+                    return Err(StoreError::Invalid("pack uploaders stopped".into()));
+                }
+                Ok(())
+            }
+            None => Err(StoreError::Invalid("pack writer already flushed".into())),
+        }
+    }
+
+    /// Upload the last partial pack and wait for every upload. Call before
+    /// writing a manifest; the writer takes no more blobs afterwards.
+    ///
+    /// # Errors
+    /// Backend errors of any upload.
+    pub fn flush(&self) -> Result<WriteStats> {
+        let b = {
+            let mut b = self.buf.lock().unwrap();
+            std::mem::replace(&mut *b, PackBuf::new(0))
+        };
+        if !b.entries.is_empty() {
+            self.send(b)?;
+        }
+        self.tx.lock().unwrap().take();
+        for t in self.uploaders.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+        self.check()?;
+        Ok(self.stats())
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        let sh = &self.shared;
+        WriteStats {
+            new_chunks: sh.new_chunks.load(Ordering::Relaxed),
+            new_raw_bytes: sh.new_raw.load(Ordering::Relaxed),
+            new_stored_bytes: sh.new_stored.load(Ordering::Relaxed),
+            packs: sh.packs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // Stop the uploaders; a writer dropped without flush (an error path)
+        // leaves at most unreferenced packs, which prune removes.
+        self.tx.lock().unwrap().take();
+        for t in self.uploaders.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl WriterShared {
     fn upload(&self, mut b: PackBuf) -> Result<()> {
         if b.entries.is_empty() {
             return Ok(());
         }
+        let keys = &self.vault.keys;
         let index = encode_pack_index(&b.entries);
         // The pack id is the hash of the pack, which includes the trailer;
         // bind the trailer to nothing but its kind (the index object binds the id).
-        let trailer = self
-            .vault
-            .keys
-            .seal(BlobKind::PackIndex, &[0; 32], &index, 1);
+        let trailer = keys.seal(BlobKind::PackIndex, &[0; 32], &index, 1);
         b.data.extend_from_slice(&trailer);
         b.data.extend_from_slice(&pack_tail(trailer.len() as u32));
         let pack = PackId(*blake3::hash(&b.data).as_bytes());
         let backend = &self.vault.backend;
         backend.put(&pack_key(&pack), &b.data)?;
-        let sealed_index = self
-            .vault
-            .keys
-            .seal(BlobKind::PackIndex, &pack.0, &index, 1);
+        let sealed_index = keys.seal(BlobKind::PackIndex, &pack.0, &index, 1);
         backend.put(&index_key(&pack), &sealed_index)?;
         self.vault.insert_pack(pack, &b.entries);
         let mut p = self.pending.lock().unwrap();
@@ -805,27 +939,5 @@ impl PackWriter {
         }
         self.packs.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Upload the last partial pack. Call before writing a manifest.
-    ///
-    /// # Errors
-    /// Backend errors.
-    pub fn flush(&self) -> Result<WriteStats> {
-        let b = {
-            let mut b = self.buf.lock().unwrap();
-            std::mem::replace(&mut *b, PackBuf::new(0))
-        };
-        self.upload(b)?;
-        Ok(self.stats())
-    }
-
-    pub fn stats(&self) -> WriteStats {
-        WriteStats {
-            new_chunks: self.new_chunks.load(Ordering::Relaxed),
-            new_raw_bytes: self.new_raw.load(Ordering::Relaxed),
-            new_stored_bytes: self.new_stored.load(Ordering::Relaxed),
-            packs: self.packs.load(Ordering::Relaxed),
-        }
     }
 }

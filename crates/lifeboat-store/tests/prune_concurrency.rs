@@ -70,7 +70,7 @@ fn prune_defers_packs_a_running_writer_may_use() {
     let (lock_b, wb) = v.begin_write().unwrap();
     assert!(wb.contains(&x), "x is usable before prune");
 
-    // prune removes A; x's pack is condemned but B started earlier: deferred
+    // prune removes A; x's pack is condemned but B runs: deferred
     let policy = RetentionPolicy {
         keep_tags: vec!["keep".into()],
         ..Default::default()
@@ -79,6 +79,11 @@ fn prune_defers_packs_a_running_writer_may_use() {
     assert_eq!(r.removed_points, 1);
     assert!(r.gc.delete.is_empty(), "{:?}", r.gc);
     assert!(!r.gc.deferred.is_empty());
+    assert!(
+        r.gc.blocked_by[0].contains("writer"),
+        "{:?}",
+        r.gc.blocked_by
+    );
     assert!(v.read_chunk(&x, "test").is_ok(), "B's chunk survived");
 
     // B finishes with a point that references x without storing it again
@@ -145,4 +150,104 @@ fn garbage_is_deleted_at_once_when_no_writer_runs() {
         v.backend().list("locks/").unwrap().is_empty(),
         "locks are released"
     );
+}
+
+#[test]
+fn a_writer_that_finished_before_the_deletion_step_keeps_its_chunks() {
+    // B used A's chunk x and finished; prune removes A: the fresh re-read
+    // before deleting must see B's point and keep x.
+    let secret = Secret::Password(b"pw".to_vec());
+    let v = Arc::new(
+        Vault::init(
+            Arc::new(MemoryBackend::new()),
+            &secret,
+            &InitOptions {
+                chunk_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let (lock, w) = v.begin_write().unwrap();
+    let x = chunk(&v, &w, 1);
+    point(&v, &w, 1, &[x], &[]);
+    drop(lock);
+    let (lock_b, wb) = v.begin_write().unwrap();
+    let b = point(&v, &wb, 2, &[x], &["keep"]);
+    drop(lock_b);
+    let r = prune(
+        &v,
+        &RetentionPolicy {
+            keep_tags: vec!["keep".into()],
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(r.removed_points, 1);
+    let ix = v.load_fixed_index(&b.id, &b.volumes[0]).unwrap();
+    for c in &ix.chunks {
+        v.read_chunk(c, "test").unwrap();
+    }
+}
+
+#[test]
+fn deleted_packs_stay_unusable_for_a_writer_with_an_old_view() {
+    let secret = Secret::Password(b"pw".to_vec());
+    let backend: Arc<MemoryBackend> = Arc::new(MemoryBackend::new());
+    let v = Arc::new(
+        Vault::init(
+            backend.clone(),
+            &secret,
+            &InitOptions {
+                chunk_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let (lock, w) = v.begin_write().unwrap();
+    let x = chunk(&v, &w, 1);
+    point(&v, &w, 1, &[x], &[]);
+    drop(lock);
+    // a second process opened the vault before prune deleted x's pack
+    let other = Arc::new(Vault::open(backend.clone(), &secret).unwrap());
+    assert!(other.has_usable(&x));
+    let r = prune(
+        &v,
+        &RetentionPolicy {
+            keep_tags: vec!["keep".into()],
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    assert!(!r.gc.delete.is_empty());
+    // when it starts writing it reloads, and the tombstone keeps x unusable
+    let (_l, wo) = other.begin_write().unwrap();
+    assert!(!wo.contains(&x));
+}
+
+#[test]
+fn two_prunes_do_not_run_at_once() {
+    let secret = Secret::Password(b"pw".to_vec());
+    let v = Arc::new(
+        Vault::init(
+            Arc::new(MemoryBackend::new()),
+            &secret,
+            &InitOptions::default(),
+        )
+        .unwrap(),
+    );
+    let _other = v.lock(lifeboat_format::lock::LockKind::Prune).unwrap();
+    let e = prune(
+        &v,
+        &RetentionPolicy {
+            keep_last: 1,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("another prune"), "{e}");
 }
