@@ -186,7 +186,9 @@ pub fn copy(
     };
     report.src = src.display();
     report.dst = dst.display();
-    if opts.verify {
+    // Local destinations are verified before they are published; an object
+    // destination can only be read back after its upload completed.
+    if opts.verify && !report.verified {
         let a = digest(src)?;
         let b = digest(dst)?;
         if a != b {
@@ -200,6 +202,21 @@ pub fn copy(
         report.verified = true;
     }
     Ok(report)
+}
+
+/// Compare BLAKE3 of `src` with that of a finished partial file, before it
+/// is published.
+pub(crate) fn verify_before_publish(src: &Endpoint, partial: &std::path::Path) -> Result<String> {
+    let a = digest(src)?;
+    let b = local::digest(partial)?;
+    if a != b {
+        let _ = std::fs::remove_file(partial);
+        return Err(CopyError::Invalid(format!(
+            "verification failed: BLAKE3 of {} is {a}, of the copy {b}; the destination was not changed",
+            src.display()
+        )));
+    }
+    Ok(a)
 }
 
 /// BLAKE3 of the full logical content (holes read as zeros without I/O).

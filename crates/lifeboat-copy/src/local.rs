@@ -163,6 +163,13 @@ pub(crate) fn local_to_local(
             report.method = copy_range(&s, &d, src, dst, r.start, r.end, progress)?;
             pos = r.end;
         }
+        // and the hole after the last extent
+        while pos < size {
+            let n = (size - pos).min(zeros.len() as u64) as usize;
+            d.write_all_at(&zeros[..n], pos)
+                .map_err(|e| io_err(dst, "write", e))?;
+            pos += n as u64;
+        }
         d.sync_all().map_err(|e| io_err(dst, "fsync", e))?;
         report.transferred_bytes = data;
         check_size(&s, src, size)?;
@@ -219,6 +226,12 @@ pub(crate) fn local_to_local(
         let _ = fs::remove_file(&part);
         let _ = fs::remove_file(&ckpt);
         return Err(e);
+    }
+    if opts.verify {
+        let digest =
+            crate::verify_before_publish(&crate::Endpoint::Local(src.to_path_buf()), &part)?;
+        report.blake3 = Some(digest);
+        report.verified = true;
     }
     publish(&d, &part, &ckpt, &dir, dst)?;
     report.method = method;

@@ -16,6 +16,42 @@ use object_store::{ObjectStoreExt, WriteMultipart};
 use crate::local::{open_partial, publish, save_checkpoint, Checkpoint};
 use crate::{io_err, CopyError, CopyOptions, CopyReport, Endpoint, Result};
 
+/// A ranged GET pinned to the version the copy started from (If-Match on
+/// the ETag), so a source overwritten mid-copy fails instead of mixing old
+/// and new bytes; the length is checked too.
+async fn get_pinned(
+    e: &Endpoint,
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    path: &object_store::path::Path,
+    r: std::ops::Range<u64>,
+    etag: Option<&str>,
+) -> Result<bytes::Bytes> {
+    let opts = object_store::GetOptions {
+        range: Some(object_store::GetRange::Bounded(r.clone())),
+        if_match: etag.map(str::to_string),
+        ..Default::default()
+    };
+    let res = store.get_opts(path, opts).await.map_err(|err| match err {
+        object_store::Error::Precondition { .. } => CopyError::Invalid(format!(
+            "{}: the object changed during the copy; nothing was published, run the copy again",
+            e.display()
+        )),
+        err => remote(e, "read range", err),
+    })?;
+    let b = res
+        .bytes()
+        .await
+        .map_err(|err| remote(e, "read range", err))?;
+    if b.len() as u64 != r.end - r.start {
+        return Err(CopyError::Invalid(format!(
+            "{}: short read at {} (the object changed or is truncated); nothing was published",
+            e.display(),
+            r.start
+        )));
+    }
+    Ok(b)
+}
+
 fn remote(e: &Endpoint, op: &'static str, err: impl std::fmt::Display) -> CopyError {
     CopyError::Remote {
         url: e.display(),
@@ -133,15 +169,17 @@ pub(crate) fn object_to_local(
     progress.start(size, size);
     let (f, done, part, ckpt, dir) =
         open_partial(dst, &src.display(), size, &version, opts.resume)?;
-    progress.advance(done);
     let ps = opts.part_size;
+    progress.advance(done / ps * ps);
     let ranges: Vec<_> = (done / ps * ps..size)
         .step_by(ps as usize)
         .map(|s| s..(s + ps).min(size))
         .collect();
     let transferred = AtomicU64::new(0);
     // Contiguous prefix of finished parts, for the checkpoint.
-    let finished = Mutex::new((done / ps * ps, std::collections::BTreeSet::new()));
+    // (prefix end, finished part starts beyond it, prefix at the last checkpoint)
+    let start = done / ps * ps;
+    let finished = Mutex::new((start, std::collections::BTreeSet::new(), start));
     let res: Result<()> = runtime().block_on(async {
         futures::stream::iter(ranges.into_iter().map(|r| {
             let f = &f;
@@ -150,18 +188,9 @@ pub(crate) fn object_to_local(
             let finished = &finished;
             let ckpt = &ckpt;
             let version = &version;
+            let etag = meta.e_tag.as_deref();
             async move {
-                let bytes = store
-                    .get_range(path, r.clone())
-                    .await
-                    .map_err(|e| remote(src, "read range", e))?;
-                if bytes.len() as u64 != r.end - r.start {
-                    return Err(CopyError::Invalid(format!(
-                        "{}: short read at {} (the object changed?)",
-                        src.display(),
-                        r.start
-                    )));
-                }
+                let bytes = get_pinned(src, store, path, r.clone(), etag).await?;
                 if !is_zero(&bytes) {
                     f.write_all_at(&bytes, r.start)
                         .map_err(|e| io_err(part, "write", e))?;
@@ -179,7 +208,8 @@ pub(crate) fn object_to_local(
                     fin.0 = (fin.0 + ps).min(size);
                     advanced = true;
                 }
-                if advanced && fin.0 % (16 * ps) == 0 {
+                if advanced && fin.0 >= fin.2 + 16 * ps {
+                    fin.2 = fin.0;
                     f.sync_data().map_err(|e| io_err(part, "fsync", e))?;
                     save_checkpoint(
                         ckpt,
@@ -200,12 +230,19 @@ pub(crate) fn object_to_local(
         .map(|_| ())
     });
     res?;
+    let digest = if opts.verify {
+        Some(crate::verify_before_publish(src, &part)?)
+    } else {
+        None
+    };
     publish(&f, &part, &ckpt, &dir, dst)?;
     Ok(CopyReport {
+        blake3: digest.clone(),
+        verified: digest.is_some(),
         nominal_bytes: size,
         data_bytes: size,
         transferred_bytes: transferred.into_inner(),
-        resumed_from: done,
+        resumed_from: done / ps * ps,
         method: "ranged-download".into(),
         ..Default::default()
     })
@@ -224,12 +261,16 @@ pub(crate) fn object_to_object(
     let (Endpoint::Object { url: su, .. }, Endpoint::Object { url: du, .. }) = (src, dst) else {
         unreachable!()
     };
-    let size = runtime()
+    let meta = runtime()
         .block_on(ss.head(sp))
-        .map_err(|e| remote(src, "head", e))?
-        .size;
+        .map_err(|e| remote(src, "head", e))?;
+    let size = meta.size;
+    let etag = meta.e_tag.clone();
     progress.start(size, size);
-    if su.scheme == du.scheme && su.bucket == du.bucket {
+    // S3 copies one object in one request only up to 5 GiB.
+    let server_side =
+        su.scheme == du.scheme && su.bucket == du.bucket && !(su.scheme == "s3" && size > 5 << 30);
+    if server_side {
         runtime()
             .block_on(ss.copy(sp, dp))
             .map_err(|e| remote(dst, "server-side copy", e))?;
@@ -253,11 +294,13 @@ pub(crate) fn object_to_object(
             .step_by(ps as usize)
             .map(|s| s..(s + ps).min(size))
             .collect();
-        let mut stream = futures::stream::iter(ranges.into_iter().map(|r| ss.get_range(sp, r)))
-            .buffered(opts.parallel.max(1));
+        let etag = etag.as_deref();
+        let mut stream =
+            futures::stream::iter(ranges.into_iter().map(|r| get_pinned(src, ss, sp, r, etag)))
+                .buffered(opts.parallel.max(1));
         let r: Result<()> = async {
             while let Some(b) = stream.next().await {
-                let b = b.map_err(|e| remote(src, "read range", e))?;
+                let b = b?;
                 w.wait_for_capacity(opts.parallel)
                     .await
                     .map_err(|e| remote(dst, "upload part", e))?;

@@ -258,6 +258,14 @@ impl Default for KdfParams {
 /// # Errors
 /// Parameters Argon2 rejects (from a damaged config).
 pub fn password_key(password: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; 32], StoreError> {
+    // The config is read before it can be authenticated: refuse parameters
+    // that would exhaust memory or never finish.
+    if p.m_cost_kib > 4 << 20 || p.t_cost > 64 || p.p_cost > 64 {
+        return Err(StoreError::Corrupt(format!(
+            "vault config: Argon2 parameters out of range (m={} KiB, t={}, p={}): the config is damaged or forged",
+            p.m_cost_kib, p.t_cost, p.p_cost
+        )));
+    }
     let params = argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
         .map_err(|e| StoreError::Corrupt(format!("vault config: bad Argon2 parameters: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);

@@ -55,6 +55,9 @@ pub struct VerifyReport {
     pub blobs_read: usize,
     pub bytes_read: u64,
     pub problems: Vec<Problem>,
+    /// Packs with no index object: leftovers of interrupted writers, not
+    /// damage (no point can reference them); `vault prune` removes them.
+    pub unindexed_packs: Vec<String>,
 }
 
 impl VerifyReport {
@@ -89,6 +92,10 @@ pub fn verify(
         .filter_map(|o| o.key.rsplit('/').next()?.parse().ok())
         .collect();
     r.packs = packs.len();
+    let indexed: HashSet<PackId> = vault.index_snapshot().values().map(|l| l.pack).collect();
+    let mut unindexed: Vec<String> = packs.difference(&indexed).map(pack_key).collect();
+    unindexed.sort();
+    r.unindexed_packs = unindexed;
 
     // Bad blobs found by reading packs: id -> reason.
     let mut bad: HashMap<ChunkId, String> = HashMap::new();

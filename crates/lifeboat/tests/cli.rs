@@ -827,4 +827,17 @@ fn restore_into_a_block_device_in_place() {
         std::fs::read(&img).unwrap(),
         "device holds the volume, old data in holes zeroed"
     );
+
+    // lifeboat copy to the device: in place, every hole (the trailing one too) zeroed
+    std::fs::write(&backing, vec![0xeeu8; 16 << 20]).unwrap();
+    let small = e.p("small.raw");
+    let f = std::fs::File::create(&small).unwrap();
+    f.set_len(16 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 65536], 1 << 20).unwrap();
+    drop(f);
+    e.ok(&["copy", small.to_str().unwrap(), &dev]);
+    assert_eq!(
+        std::fs::read(&backing).unwrap(),
+        std::fs::read(&small).unwrap()
+    );
 }

@@ -47,7 +47,13 @@ impl LocalBackend {
     fn write_tmp(&self, key: &str, data: &[u8]) -> BResult<(PathBuf, PathBuf)> {
         let path = self.path(key);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| self.io("put", key, e))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(|e| self.io("put", key, e))?;
+            // make the new directory entry durable too
+            if let Some(parent) = dir.parent() {
+                fsync_dir(parent).map_err(|e| self.io("put", key, e))?;
+            }
+        }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
         let tmp = dir.join(format!(".{name}.tmp-{:08x}", rand_u32()));
         let res = if data.len() >= DIRECT_MIN {
@@ -242,8 +248,11 @@ impl Backend for LocalBackend {
     }
 
     fn delete(&self, key: &str) -> BResult<()> {
-        match fs::remove_file(self.path(key)) {
-            Ok(()) => Ok(()),
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            // durable, so a crash cannot bring back an index prune removed
+            Ok(()) => fsync_dir(path.parent().unwrap_or(&self.root))
+                .map_err(|e| self.io("delete", key, e)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io("delete", key, e)),
         }

@@ -167,6 +167,12 @@ pub fn run(c: VaultCmd) -> Result<()> {
                 for p in &r.problems {
                     println!("DAMAGED: {p}");
                 }
+                if !r.unindexed_packs.is_empty() {
+                    println!(
+                        "note: {} pack(s) without an index (left by interrupted writers; `vault prune` removes them)",
+                        r.unindexed_packs.len()
+                    );
+                }
                 if r.ok() {
                     println!("no problems found");
                 }
