@@ -149,8 +149,30 @@ fn fill_from_extents(
     Ok(())
 }
 
-/// Download with parallel ranged GETs into a partial file; all-zero parts are
-/// not written, so the file stays sparse. Resumable by checkpoint.
+/// Write `buf` at `off`, skipping all-zero 64 KiB blocks so the file stays
+/// sparse (its length was set beforehand), and merging the rest into runs.
+fn write_nonzero(f: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
+    const BLOCK: usize = 64 << 10;
+    let mut run: Option<usize> = None;
+    for (i, b) in buf.chunks(BLOCK).enumerate() {
+        let start = i * BLOCK;
+        match (is_zero(b), run) {
+            (false, None) => run = Some(start),
+            (true, Some(r)) => {
+                f.write_all_at(&buf[r..start], off + r as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(r) = run {
+        f.write_all_at(&buf[r..], off + r as u64)?;
+    }
+    Ok(())
+}
+
+/// Download with parallel ranged GETs into a partial file; all-zero blocks
+/// are not written, so the file stays sparse. Resumable by checkpoint.
 pub(crate) fn object_to_local(
     src: &Endpoint,
     dst: &Path,
@@ -191,10 +213,7 @@ pub(crate) fn object_to_local(
             let etag = meta.e_tag.as_deref();
             async move {
                 let bytes = get_pinned(src, store, path, r.clone(), etag).await?;
-                if !is_zero(&bytes) {
-                    f.write_all_at(&bytes, r.start)
-                        .map_err(|e| io_err(part, "write", e))?;
-                }
+                write_nonzero(f, &bytes, r.start).map_err(|e| io_err(part, "write", e))?;
                 transferred.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 progress.advance(bytes.len() as u64);
                 let mut fin = finished.lock().unwrap();

@@ -43,7 +43,21 @@ enum Cmd {
     Debug(cmd::debug::DebugCmd),
 }
 
+/// Keep big buffers (packs, restore spans) on the heap instead of mapping
+/// and unmapping them for each use: every munmap in a threaded process
+/// shoots down TLBs on the other cores, which costs more than the copy.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation thresholds; called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")

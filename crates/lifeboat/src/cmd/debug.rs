@@ -31,6 +31,15 @@ pub enum DebugCmd {
         #[arg(long, default_value_t = 2)]
         seed: u64,
     },
+    /// Measure the data path alone (keyed hash + zstd + AES-GCM) on the data
+    /// of an image held in memory, on one thread; prints MB/s
+    Datapath {
+        path: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        level: i32,
+        #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+        chunk_size: u64,
+    },
 }
 
 pub fn run(c: DebugCmd) -> Result<()> {
@@ -52,6 +61,37 @@ pub fn run(c: DebugCmd) -> Result<()> {
         } => {
             let w = sample::mutate(&path, percent / 100.0, write_size, seed)?;
             println!("{w}");
+        }
+        DebugCmd::Datapath {
+            path,
+            level,
+            chunk_size,
+        } => {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(&path)?;
+            let size = lifeboat_capture::extents::volume_size(&f)?;
+            let ext = lifeboat_capture::extents::data_extents(&f, size)?;
+            let mut data = Vec::with_capacity(lifeboat_capture::extents::total(&ext) as usize);
+            for r in &ext {
+                let start = data.len();
+                data.resize(start + (r.end - r.start) as usize, 0);
+                f.read_exact_at(&mut data[start..], r.start)?;
+            }
+            let keys = lifeboat_store::crypto::Keys::from_master(&[7; 32], "bench");
+            let t = std::time::Instant::now();
+            let mut stored = 0usize;
+            for c in data.chunks(chunk_size as usize) {
+                let id = keys.chunk_id(c);
+                stored += keys
+                    .seal(lifeboat_format::blob::BlobKind::Data, &id.0, c, level)
+                    .len();
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{{\"bytes\": {}, \"stored\": {stored}, \"seconds\": {secs:.3}, \"mb_per_s\": {:.0}}}",
+                data.len(),
+                data.len() as f64 / secs / 1e6
+            );
         }
     }
     Ok(())
