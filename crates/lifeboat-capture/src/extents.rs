@@ -67,6 +67,23 @@ pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<Range<u64>>> {
     Ok(out)
 }
 
+/// Start writeback of `[offset, offset + len)` without waiting for it
+/// (sync_file_range with SYNC_FILE_RANGE_WRITE), so the final fsync of a big
+/// write finds most data already on its way to the disk. Errors are ignored:
+/// this is only a hint, the fsync that follows is what guarantees.
+pub fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a file descriptor we own for its duration.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// Total bytes in `extents`.
 pub fn total(extents: &[Range<u64>]) -> u64 {
     extents.iter().map(|r| r.end - r.start).sum()

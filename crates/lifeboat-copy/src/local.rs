@@ -192,8 +192,15 @@ pub(crate) fn local_to_local(
         progress.advance(start - r.start);
         let mut pos = start;
         while pos < r.end {
-            let end = (pos + opts.checkpoint_every.saturating_sub(since).max(1 << 20)).min(r.end);
+            let end = (pos
+                + opts
+                    .checkpoint_every
+                    .saturating_sub(since)
+                    .clamp(1 << 20, 64 << 20))
+            .min(r.end);
             method = copy_range(&s, &d, src, &part, pos, end, progress)?;
+            // overlap writeback with copying; the final fsync then waits less
+            lifeboat_capture::extents::start_writeback(&d, pos, end - pos);
             report.transferred_bytes += end - pos;
             since += end - pos;
             pos = end;

@@ -50,9 +50,11 @@ impl LocalBackend {
         if !dir.is_dir() {
             fs::create_dir_all(&dir).map_err(|e| self.io("put", key, e))?;
             // make the new directory entry durable too
-            if let Some(parent) = dir.parent() {
-                fsync_dir(parent).map_err(|e| self.io("put", key, e))?;
-            }
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            fsync_dir(parent).map_err(|e| self.io("put", key, e))?;
         }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
         let tmp = dir.join(format!(".{name}.tmp-{:08x}", rand_u32()));
@@ -97,29 +99,7 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .open(path);
     let f = match direct {
         Ok(f) => {
-            let r = BOUNCE.with(|b| -> std::io::Result<()> {
-                let mut b = b.borrow_mut();
-                const STEP: usize = 4 << 20;
-                if b.len() * 16 < STEP {
-                    b.resize(STEP / 16, 0);
-                }
-                // SAFETY: u128 storage reinterpreted as bytes; the Vec is
-                // 16-aligned, we align the start to 4096 by offsetting.
-                let bytes: &mut [u8] = unsafe {
-                    std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u8, b.len() * 16)
-                };
-                let off = bytes.as_ptr().align_offset(ALIGN);
-                let usable = (bytes.len() - off) / ALIGN * ALIGN;
-                let buf = &mut bytes[off..off + usable];
-                let mut pos = 0;
-                while pos < aligned {
-                    let n = (aligned - pos).min(buf.len());
-                    buf[..n].copy_from_slice(&data[pos..pos + n]);
-                    f.write_all_at(&buf[..n], pos as u64)?;
-                    pos += n;
-                }
-                Ok(())
-            });
+            let r = direct_write_at(&f, &data[..aligned], 0);
             match r {
                 Ok(()) => f,
                 Err(e) if e.raw_os_error() == Some(22) => {
@@ -138,6 +118,52 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all_at(&data[aligned..], aligned as u64)?;
     f.sync_all()
 }
+
+/// Write `data` (a multiple of 4 KiB long) at `off` (4 KiB-aligned) to a
+/// file opened with O_DIRECT, through a reused 4 KiB-aligned bounce buffer
+/// of this thread.
+///
+/// # Errors
+/// I/O errors; EINVAL where the file system refuses direct I/O.
+pub fn direct_write_at(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    debug_assert!(data.len().is_multiple_of(ALIGN) && off.is_multiple_of(ALIGN as u64));
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        const STEP: usize = 4 << 20;
+        if b.len() * 16 < STEP + ALIGN {
+            b.resize((STEP + ALIGN) / 16, 0);
+        }
+        // SAFETY: u128 storage reinterpreted as bytes (any bit pattern is a
+        // valid u8); the start is aligned to 4096 by offsetting.
+        let bytes: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u8, b.len() * 16) };
+        let skip = bytes.as_ptr().align_offset(ALIGN);
+        let usable = (bytes.len() - skip) / ALIGN * ALIGN;
+        let buf = &mut bytes[skip..skip + usable];
+        let mut pos = 0;
+        while pos < data.len() {
+            let n = (data.len() - pos).min(buf.len());
+            buf[..n].copy_from_slice(&data[pos..pos + n]);
+            f.write_all_at(&buf[..n], off + pos as u64)?;
+            pos += n;
+        }
+        Ok(())
+    })
+}
+
+/// Open `path` for writing with O_DIRECT, if the file system allows it.
+pub fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc_o_direct())
+        .open(path)
+        .ok()
+}
+
+/// Alignment that O_DIRECT offsets and lengths need.
+pub const DIRECT_ALIGN: usize = ALIGN;
 
 fn write_buffered(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut f = File::create(path)?;
@@ -251,8 +277,13 @@ impl Backend for LocalBackend {
         let path = self.path(key);
         match fs::remove_file(&path) {
             // durable, so a crash cannot bring back an index prune removed
-            Ok(()) => fsync_dir(path.parent().unwrap_or(&self.root))
-                .map_err(|e| self.io("delete", key, e)),
+            Ok(()) => {
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                fsync_dir(dir).map_err(|e| self.io("delete", key, e))
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io("delete", key, e)),
         }
@@ -288,6 +319,21 @@ mod tests {
             b.put("packs/x", &data).unwrap();
             assert_eq!(b.get("packs/x").unwrap(), data);
         }
+    }
+
+    #[test]
+    fn relative_roots_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let b = LocalBackend::new("vault");
+        let r = b
+            .put("config", b"x")
+            .and_then(|_| b.put("packs/ab/c", b"y"))
+            .and_then(|_| b.delete("packs/ab/c"));
+        std::env::set_current_dir(old).unwrap();
+        r.unwrap();
+        assert!(dir.path().join("vault/config").exists());
     }
 
     #[test]
