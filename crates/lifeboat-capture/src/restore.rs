@@ -262,7 +262,9 @@ fn write_chunks(
                     continue; // drain
                 }
                 if let Some(d) = &direct {
-                    if off.is_multiple_of(DIRECT_ALIGN as u64) && buf.len().is_multiple_of(DIRECT_ALIGN) {
+                    if off.is_multiple_of(DIRECT_ALIGN as u64)
+                        && buf.len().is_multiple_of(DIRECT_ALIGN)
+                    {
                         match direct_write_at(d, &buf, off) {
                             Ok(()) => {
                                 progress.advance(buf.len() as u64);

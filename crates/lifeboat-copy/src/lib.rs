@@ -127,6 +127,8 @@ pub struct CopyOptions {
     pub part_size: u64,
     /// Bytes between checkpoints of a local-destination copy.
     pub checkpoint_every: u64,
+    /// Make a local destination durable (fsync) before publishing it.
+    pub fsync: bool,
     /// Test hook: fail once a checkpoint at or past this offset is written
     /// (simulates a crash or Ctrl-C after a checkpoint).
     pub fail_after_checkpoint: Option<u64>,
@@ -140,6 +142,7 @@ impl Default for CopyOptions {
             parallel: 8,
             part_size: 16 << 20,
             checkpoint_every: 256 << 20,
+            fsync: true,
             fail_after_checkpoint: None,
         }
     }

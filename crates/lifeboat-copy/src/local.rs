@@ -103,12 +103,27 @@ pub(crate) fn open_partial(
 }
 
 /// fsync, rename over `dst`, fsync the directory, remove the checkpoint.
-pub(crate) fn publish(f: &File, part: &Path, ckpt: &Path, dir: &Path, dst: &Path) -> Result<()> {
-    f.sync_all().map_err(|e| io_err(part, "fsync", e))?;
+/// Rename the finished partial file over `dst`. With `durable`, the data is
+/// fsynced first and the directory after, so the new content survives a
+/// power cut; without, a crash soon after may leave an empty or old file
+/// (as with `cp`), though a killed process never does.
+pub(crate) fn publish(
+    f: &File,
+    part: &Path,
+    ckpt: &Path,
+    dir: &Path,
+    dst: &Path,
+    durable: bool,
+) -> Result<()> {
+    if durable {
+        f.sync_all().map_err(|e| io_err(part, "fsync", e))?;
+    }
     fs::rename(part, dst).map_err(|e| io_err(dst, "rename into place", e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, "fsync directory", e))?;
+    if durable {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(dir, "fsync directory", e))?;
+    }
     let _ = fs::remove_file(ckpt);
     Ok(())
 }
@@ -200,7 +215,9 @@ pub(crate) fn local_to_local(
             .min(r.end);
             method = copy_range(&s, &d, src, &part, pos, end, progress)?;
             // overlap writeback with copying; the final fsync then waits less
-            lifeboat_capture::extents::start_writeback(&d, pos, end - pos);
+            if opts.fsync {
+                lifeboat_capture::extents::start_writeback(&d, pos, end - pos);
+            }
             report.transferred_bytes += end - pos;
             since += end - pos;
             pos = end;
@@ -240,7 +257,7 @@ pub(crate) fn local_to_local(
         report.blake3 = Some(digest);
         report.verified = true;
     }
-    publish(&d, &part, &ckpt, &dir, dst)?;
+    publish(&d, &part, &ckpt, &dir, dst, opts.fsync)?;
     report.method = method;
     Ok(report)
 }

@@ -254,7 +254,7 @@ pub(crate) fn object_to_local(
     } else {
         None
     };
-    publish(&f, &part, &ckpt, &dir, dst)?;
+    publish(&f, &part, &ckpt, &dir, dst, opts.fsync)?;
     Ok(CopyReport {
         blake3: digest.clone(),
         verified: digest.is_some(),

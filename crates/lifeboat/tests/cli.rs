@@ -512,6 +512,16 @@ fn copy_is_sparse_atomic_and_resumable() {
     assert!(same(&src, &dst2));
     assert!(!e.p(".dst2.raw.lifeboat-partial").exists());
 
+    let dst3 = e.p("dst3.raw");
+    e.ok(&[
+        "copy",
+        "--no-fsync",
+        "--verify",
+        src.to_str().unwrap(),
+        dst3.to_str().unwrap(),
+    ]);
+    assert!(same(&src, &dst3));
+
     let err = e.fail(&[
         "copy",
         e.p("missing").to_str().unwrap(),

@@ -32,6 +32,10 @@ pub struct CopyArgs {
     /// Part size for object stores
     #[arg(long, default_value = "16MiB", value_parser = crate::cmd::vault::parse_size)]
     pub part_size: u64,
+    /// Do not fsync a local destination before publishing it (faster, like
+    /// cp; a power cut soon after may lose it — a kill or Ctrl-C never does)
+    #[arg(long)]
+    pub no_fsync: bool,
     /// Bytes between checkpoints of a copy to a local file
     #[arg(long, default_value = "256MiB", value_parser = crate::cmd::vault::parse_size, hide = true)]
     pub checkpoint_every: u64,
@@ -48,6 +52,7 @@ pub fn run(a: CopyArgs) -> Result<()> {
         parallel: a.parallel.max(1),
         part_size: a.part_size.max(5 << 20),
         checkpoint_every: a.checkpoint_every.max(1 << 20),
+        fsync: !a.no_fsync,
         // Test hook (crash after a checkpoint); not for users.
         fail_after_checkpoint: std::env::var("LIFEBOAT_TEST_FAIL_COPY_AFTER")
             .ok()
