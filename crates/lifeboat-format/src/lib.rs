@@ -23,6 +23,7 @@ pub mod index;
 pub mod lock;
 pub mod magic;
 pub mod manifest;
+pub mod nbd;
 pub mod pack;
 mod wire;
 

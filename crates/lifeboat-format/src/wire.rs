@@ -48,6 +48,16 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    pub fn u16be(&mut self) -> Result<u16, FormatError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    pub fn u32be(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    pub fn u64be(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
     pub fn magic(&mut self, expected: &[u8; 8]) -> Result<(), FormatError> {
         let m: [u8; 8] = self.array()?;
         if &m != expected {

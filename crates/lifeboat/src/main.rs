@@ -38,6 +38,9 @@ enum Cmd {
     Copy(cmd::copy::CopyArgs),
     /// Run the whole cycle on a sample volume in a temporary directory
     Demo(cmd::demo::DemoArgs),
+    /// Export a volume over NBD
+    #[command(subcommand)]
+    Nbd(cmd::nbd::NbdCmd),
     /// Tools for tests and benchmarks (sample images)
     #[command(subcommand, hide = true)]
     Debug(cmd::debug::DebugCmd),
@@ -71,6 +74,7 @@ fn main() {
         Cmd::Point(c) => cmd::point::run(c),
         Cmd::Copy(a) => cmd::copy::run(a),
         Cmd::Demo(a) => cmd::demo::run(a),
+        Cmd::Nbd(c) => cmd::nbd::run(c),
         Cmd::Debug(c) => cmd::debug::run(c),
     };
     if let Err(e) = res {

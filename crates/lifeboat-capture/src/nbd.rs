@@ -1,0 +1,437 @@
+//! An NBD server for one volume: the front end the splitter will capture
+//! writes through (issue 3). Fixed newstyle handshake, simple and structured
+//! replies, `base:allocation` block status from SEEK_DATA/SEEK_HOLE, and
+//! READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE, DISC over TCP or a
+//! Unix socket. One thread per connection; requests of a connection are
+//! served in order. The wire format is in `lifeboat_format::nbd`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use lifeboat_format::nbd::*;
+
+use crate::extents::data_extents;
+
+/// What a server exports.
+pub struct Export {
+    pub name: String,
+    pub file: File,
+    pub size: u64,
+    pub read_only: bool,
+}
+
+impl Export {
+    fn tflags(&self) -> u16 {
+        let mut f = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_CACHE
+            | TFLAG_SEND_DF
+            | TFLAG_CAN_MULTI_CONN;
+        if self.read_only {
+            f |= TFLAG_READ_ONLY;
+        }
+        f
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn read_exact<S: Read>(s: &mut S, n: usize) -> io::Result<Vec<u8>> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v)?;
+    Ok(v)
+}
+
+/// Serve one client until it disconnects. Protocol violations end the
+/// connection with an error naming them; nothing is written to the volume
+/// for a request that was not understood.
+///
+/// # Errors
+/// I/O errors on the socket and protocol violations.
+pub fn handle<S: Read + Write>(mut s: S, export: &Export, shutdown: &AtomicBool) -> io::Result<()> {
+    // --- handshake
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf)?;
+    let cflags = u32::from_be_bytes(cf);
+    if cflags & FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(invalid("client does not speak fixed newstyle NBD"));
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut base_allocation = false;
+    loop {
+        let mut h = [0u8; OPTION_HEADER_LEN];
+        s.read_exact(&mut h)?;
+        let oh = parse_option_header(&h).map_err(|e| invalid(e.to_string()))?;
+        let payload = read_exact(&mut s, oh.len as usize)?;
+        let name_ok = |n: &str| n.is_empty() || n == export.name;
+        match oh.option {
+            OPT_EXPORT_NAME => {
+                if !name_ok(&String::from_utf8_lossy(&payload)) {
+                    return Err(invalid("unknown export name"));
+                }
+                let mut v = export.size.to_be_bytes().to_vec();
+                v.extend_from_slice(&export.tflags().to_be_bytes());
+                if !no_zeroes {
+                    v.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&v)?;
+                break;
+            }
+            OPT_ABORT => {
+                s.write_all(&option_reply(oh.option, REP_ACK, &[]))?;
+                return Ok(());
+            }
+            OPT_LIST => {
+                let mut p = (export.name.len() as u32).to_be_bytes().to_vec();
+                p.extend_from_slice(export.name.as_bytes());
+                s.write_all(&option_reply(oh.option, REP_SERVER, &p))?;
+                s.write_all(&option_reply(oh.option, REP_ACK, &[]))?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Ok((name, _infos)) = parse_go(&payload) else {
+                    s.write_all(&option_reply(oh.option, REP_ERR_INVALID, &[]))?;
+                    continue;
+                };
+                if !name_ok(&name) {
+                    s.write_all(&option_reply(oh.option, REP_ERR_UNKNOWN, &[]))?;
+                    continue;
+                }
+                let mut p = INFO_EXPORT.to_be_bytes().to_vec();
+                p.extend_from_slice(&export.size.to_be_bytes());
+                p.extend_from_slice(&export.tflags().to_be_bytes());
+                s.write_all(&option_reply(oh.option, REP_INFO, &p))?;
+                let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.extend_from_slice(&4096u32.to_be_bytes());
+                b.extend_from_slice(&MAX_IO_LEN.to_be_bytes());
+                s.write_all(&option_reply(oh.option, REP_INFO, &b))?;
+                s.write_all(&option_reply(oh.option, REP_ACK, &[]))?;
+                if oh.option == OPT_GO {
+                    break;
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if oh.len != 0 {
+                    s.write_all(&option_reply(oh.option, REP_ERR_INVALID, &[]))?;
+                } else {
+                    structured = true;
+                    s.write_all(&option_reply(oh.option, REP_ACK, &[]))?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let parsed = parse_meta_context(&payload);
+                match parsed {
+                    Ok((name, queries)) if structured && name_ok(&name) => {
+                        let list = oh.option == OPT_LIST_META_CONTEXT;
+                        let wanted = queries.iter().any(|q| {
+                            q == BASE_ALLOCATION || (list && (q == "base:" || q.is_empty()))
+                        }) || (list && queries.is_empty());
+                        if wanted {
+                            let mut p = 1u32.to_be_bytes().to_vec();
+                            p.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                            s.write_all(&option_reply(oh.option, REP_META_CONTEXT, &p))?;
+                            if !list {
+                                base_allocation = true;
+                            }
+                        }
+                        s.write_all(&option_reply(oh.option, REP_ACK, &[]))?;
+                    }
+                    _ => s.write_all(&option_reply(oh.option, REP_ERR_INVALID, &[]))?,
+                }
+            }
+            OPT_STARTTLS => s.write_all(&option_reply(oh.option, REP_ERR_POLICY, &[]))?,
+            _ => s.write_all(&option_reply(oh.option, REP_ERR_UNSUP, &[]))?,
+        }
+    }
+
+    // --- transmission
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut h = [0u8; REQUEST_LEN];
+        match s.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req = parse_request(&h).map_err(|e| invalid(e.to_string()))?;
+        if req.kind == CMD_WRITE && req.len > MAX_IO_LEN {
+            return Err(invalid(format!(
+                "write of {} bytes is over the limit",
+                req.len
+            )));
+        }
+        let payload = if req.kind == CMD_WRITE {
+            read_exact(&mut s, req.len as usize)?
+        } else {
+            Vec::new()
+        };
+        if req.kind == CMD_DISC {
+            return Ok(());
+        }
+        let out = serve(export, &req, &payload, structured, base_allocation);
+        match out {
+            Ok(reply) => s.write_all(&reply)?,
+            Err((errno, msg)) => {
+                if structured {
+                    s.write_all(&structured_error(req.cookie, errno, &msg))?;
+                } else {
+                    s.write_all(&simple_reply(req.cookie, errno))?;
+                }
+            }
+        }
+    }
+}
+
+type Served = Result<Vec<u8>, (u32, String)>;
+
+fn io_errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(28) => ENOSPC,
+        Some(1) | Some(13) => EPERM,
+        _ => EIO,
+    }
+}
+
+fn ok(cookie: u64, structured: bool) -> Vec<u8> {
+    if structured {
+        structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec()
+    } else {
+        simple_reply(cookie, 0).to_vec()
+    }
+}
+
+fn serve(
+    export: &Export,
+    req: &Request,
+    payload: &[u8],
+    structured: bool,
+    base_allocation: bool,
+) -> Served {
+    let end = req.offset.checked_add(req.len as u64);
+    if end.is_none_or(|e| e > export.size) {
+        return Err((
+            EINVAL,
+            format!(
+                "request {}+{} is past the end ({})",
+                req.offset, req.len, export.size
+            ),
+        ));
+    }
+    let f = &export.file;
+    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && export.read_only {
+        return Err((EPERM, "the export is read-only".into()));
+    }
+    let fua = |f: &File| -> Result<(), (u32, String)> {
+        if req.flags & CMD_FLAG_FUA != 0 {
+            f.sync_data().map_err(|e| (io_errno(&e), e.to_string()))?;
+        }
+        Ok(())
+    };
+    match req.kind {
+        CMD_READ => {
+            if req.len > MAX_IO_LEN {
+                return Err((EOVERFLOW, "read too large".into()));
+            }
+            let mut v;
+            if structured {
+                v = structured_header(
+                    req.cookie,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    8 + req.len,
+                )
+                .to_vec();
+                v.extend_from_slice(&req.offset.to_be_bytes());
+            } else {
+                v = simple_reply(req.cookie, 0).to_vec();
+            }
+            let at = v.len();
+            v.resize(at + req.len as usize, 0);
+            read_full(f, &mut v[at..], req.offset).map_err(|e| (io_errno(&e), e.to_string()))?;
+            Ok(v)
+        }
+        CMD_WRITE => {
+            f.write_all_at(payload, req.offset)
+                .map_err(|e| (io_errno(&e), e.to_string()))?;
+            fua(f)?;
+            Ok(ok(req.cookie, structured))
+        }
+        CMD_FLUSH => {
+            f.sync_data().map_err(|e| (io_errno(&e), e.to_string()))?;
+            Ok(ok(req.cookie, structured))
+        }
+        CMD_TRIM => {
+            // advisory: punch a hole where the file system can
+            let _ = punch(f, req.offset, req.len as u64);
+            fua(f)?;
+            Ok(ok(req.cookie, structured))
+        }
+        CMD_WRITE_ZEROES => {
+            let punched =
+                req.flags & CMD_FLAG_NO_HOLE == 0 && punch(f, req.offset, req.len as u64).is_ok();
+            if !punched {
+                if req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                    return Err((ENOTSUP, "no fast zeroing here".into()));
+                }
+                let zeros = vec![0u8; (req.len as usize).min(1 << 20)];
+                let mut pos = 0u64;
+                while pos < req.len as u64 {
+                    let n = (req.len as u64 - pos).min(zeros.len() as u64) as usize;
+                    f.write_all_at(&zeros[..n], req.offset + pos)
+                        .map_err(|e| (io_errno(&e), e.to_string()))?;
+                    pos += n as u64;
+                }
+            }
+            fua(f)?;
+            Ok(ok(req.cookie, structured))
+        }
+        CMD_CACHE => {
+            let _ = rustix::fs::fadvise(
+                f,
+                req.offset,
+                std::num::NonZeroU64::new(req.len as u64),
+                rustix::fs::Advice::WillNeed,
+            );
+            Ok(ok(req.cookie, structured))
+        }
+        CMD_BLOCK_STATUS => {
+            if !structured || !base_allocation {
+                return Err((
+                    EINVAL,
+                    "negotiate structured replies and base:allocation first".into(),
+                ));
+            }
+            let descs = block_status(
+                f,
+                req.offset,
+                req.len as u64,
+                req.flags & CMD_FLAG_REQ_ONE != 0,
+            )
+            .map_err(|e| (io_errno(&e), e.to_string()))?;
+            let mut v = structured_header(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                4 + 8 * descs.len() as u32,
+            )
+            .to_vec();
+            v.extend_from_slice(&1u32.to_be_bytes());
+            for (len, flags) in descs {
+                v.extend_from_slice(&len.to_be_bytes());
+                v.extend_from_slice(&flags.to_be_bytes());
+            }
+            Ok(v)
+        }
+        k => Err((EINVAL, format!("unknown command {k}"))),
+    }
+}
+
+fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    fallocate(
+        f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(io::Error::from)
+}
+
+/// `base:allocation` descriptors for `[offset, offset+len)`: data is 0, holes
+/// are HOLE|ZERO.
+fn block_status(f: &File, offset: u64, len: u64, one: bool) -> io::Result<Vec<(u32, u32)>> {
+    let end = offset + len;
+    let size = f.metadata()?.len().max(end);
+    let data = data_extents(f, size)?;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    for r in data.iter().filter(|r| r.end > offset && r.start < end) {
+        let s = r.start.max(offset);
+        if s > pos {
+            out.push(((s - pos) as u32, STATE_HOLE | STATE_ZERO));
+        }
+        let e = r.end.min(end);
+        out.push(((e - s) as u32, 0));
+        pos = e;
+        if one {
+            break;
+        }
+    }
+    if pos < end && (!one || out.is_empty()) {
+        out.push(((end - pos) as u32, STATE_HOLE | STATE_ZERO));
+    }
+    if one {
+        out.truncate(1);
+    }
+    Ok(out)
+}
+
+/// Accept connections until `shutdown` is set, one thread per client.
+pub fn serve_listener<L, S>(accept: L, export: Arc<Export>, shutdown: Arc<AtomicBool>)
+where
+    L: Fn() -> io::Result<S>,
+    S: Read + Write + Send + 'static,
+{
+    while !shutdown.load(Ordering::Relaxed) {
+        match accept() {
+            Ok(stream) => {
+                let export = export.clone();
+                let shutdown = shutdown.clone();
+                std::thread::spawn(move || {
+                    match handle(stream, &export, &shutdown) {
+                        Ok(()) => {}
+                        // a probe or a client that went away
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::BrokenPipe
+                                    | io::ErrorKind::UnexpectedEof
+                                    | io::ErrorKind::ConnectionReset
+                            ) =>
+                        {
+                            tracing::debug!("nbd client went away: {e}")
+                        }
+                        Err(e) => tracing::warn!("nbd client disconnected: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("nbd accept failed: {e}"),
+        }
+    }
+}
