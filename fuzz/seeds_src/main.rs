@@ -49,5 +49,9 @@ fn main() {
     for (n, b) in [("pack_index", &pidx), ("fixed_index", &fidx), ("manifest", &man), ("blob", &blob)] {
         put("decoders", n, b);
     }
+    let mut seg = lifeboat_format::journal::encode_segment_header(1).to_vec();
+    seg.extend_from_slice(&lifeboat_format::journal::encode_record_header(lifeboat_format::journal::RecordKind::Write, 1, 4096, 4, b"abcd"));
+    seg.extend_from_slice(b"abcd");
+    put("decoders", "journal", &seg);
     println!("seeds written");
 }

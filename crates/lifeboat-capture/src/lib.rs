@@ -12,6 +12,7 @@
 
 pub mod diff;
 pub mod extents;
+pub mod journal;
 pub mod nbd;
 pub mod restore;
 pub mod scan;

@@ -1,5 +1,7 @@
-//! An NBD server for one volume: the front end the splitter will capture
-//! writes through (issue 3). Fixed newstyle handshake, simple and structured
+//! An NBD server for one volume: the IO splitter's front end. With a
+//! [`Journal`], every change is appended to it, in order, before the volume
+//! sees it and before it is acknowledged; FLUSH and FUA become barriers that
+//! are durable in the volume and the journal before they return. Fixed newstyle handshake, simple and structured
 //! replies, `base:allocation` block status from SEEK_DATA/SEEK_HOLE, and
 //! READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE, DISC over TCP or a
 //! Unix socket. One thread per connection; requests of a connection are
@@ -14,6 +16,8 @@ use std::sync::Arc;
 use lifeboat_format::nbd::*;
 
 use crate::extents::data_extents;
+use crate::journal::Journal;
+use lifeboat_format::journal::RecordKind;
 
 /// What a server exports.
 pub struct Export {
@@ -21,6 +25,8 @@ pub struct Export {
     pub file: File,
     pub size: u64,
     pub read_only: bool,
+    /// Where writes are captured, in order, before they are acknowledged.
+    pub journal: Option<Journal>,
 }
 
 impl Export {
@@ -238,11 +244,32 @@ fn serve(
     if writes && export.read_only {
         return Err((EPERM, "the export is read-only".into()));
     }
+    let err = |e: io::Error| (io_errno(&e), e.to_string());
+    // A barrier: the volume durable, then the journal's barrier record.
+    let barrier = |f: &File| -> Result<(), (u32, String)> {
+        match &export.journal {
+            Some(j) => j.barrier(|| f.sync_data()).map(|_| ()).map_err(err),
+            None => f.sync_data().map_err(err),
+        }
+    };
     let fua = |f: &File| -> Result<(), (u32, String)> {
         if req.flags & CMD_FLAG_FUA != 0 {
-            f.sync_data().map_err(|e| (io_errno(&e), e.to_string()))?;
+            barrier(f)?;
         }
         Ok(())
+    };
+    // Apply a change to the volume, journaled first when there is a journal.
+    let change = |kind: RecordKind,
+                  data: &[u8],
+                  apply: &dyn Fn() -> io::Result<()>|
+     -> Result<(), (u32, String)> {
+        match &export.journal {
+            Some(j) => j
+                .record(kind, req.offset, req.len, data, apply)
+                .map(|_| ())
+                .map_err(err),
+            None => apply().map_err(err),
+        }
     };
     match req.kind {
         CMD_READ => {
@@ -268,37 +295,43 @@ fn serve(
             Ok(v)
         }
         CMD_WRITE => {
-            f.write_all_at(payload, req.offset)
-                .map_err(|e| (io_errno(&e), e.to_string()))?;
+            change(RecordKind::Write, payload, &|| {
+                f.write_all_at(payload, req.offset)
+            })?;
             fua(f)?;
             Ok(ok(req.cookie, structured))
         }
         CMD_FLUSH => {
-            f.sync_data().map_err(|e| (io_errno(&e), e.to_string()))?;
+            barrier(f)?;
             Ok(ok(req.cookie, structured))
         }
         CMD_TRIM => {
             // advisory: punch a hole where the file system can
-            let _ = punch(f, req.offset, req.len as u64);
+            change(RecordKind::Trim, &[], &|| {
+                let _ = punch(f, req.offset, req.len as u64);
+                Ok(())
+            })?;
             fua(f)?;
             Ok(ok(req.cookie, structured))
         }
         CMD_WRITE_ZEROES => {
-            let punched =
-                req.flags & CMD_FLAG_NO_HOLE == 0 && punch(f, req.offset, req.len as u64).is_ok();
-            if !punched {
-                if req.flags & CMD_FLAG_FAST_ZERO != 0 {
-                    return Err((ENOTSUP, "no fast zeroing here".into()));
+            let may_punch = req.flags & CMD_FLAG_NO_HOLE == 0;
+            if !may_punch && req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                return Err((ENOTSUP, "no fast zeroing here".into()));
+            }
+            change(RecordKind::Zero, &[], &|| {
+                if may_punch && punch(f, req.offset, req.len as u64).is_ok() {
+                    return Ok(());
                 }
                 let zeros = vec![0u8; (req.len as usize).min(1 << 20)];
                 let mut pos = 0u64;
                 while pos < req.len as u64 {
                     let n = (req.len as u64 - pos).min(zeros.len() as u64) as usize;
-                    f.write_all_at(&zeros[..n], req.offset + pos)
-                        .map_err(|e| (io_errno(&e), e.to_string()))?;
+                    f.write_all_at(&zeros[..n], req.offset + pos)?;
                     pos += n as u64;
                 }
-            }
+                Ok(())
+            })?;
             fua(f)?;
             Ok(ok(req.cookie, structured))
         }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod index;
+pub mod journal;
 pub mod lock;
 pub mod magic;
 pub mod manifest;

@@ -20,6 +20,9 @@ pub const MANIFEST_V1: [u8; 8] = [0x7d, 0xf2, 0x9f, 0x19, 0x09, 0xdc, 0x33, 0x3b
 /// `blake3("lifeboat vault config v1")[..8]` — the vault config object.
 pub const CONFIG_V1: [u8; 8] = [0xa8, 0x79, 0xd9, 0xad, 0x3e, 0x6e, 0xc4, 0xf3];
 
+/// `blake3("lifeboat journal segment v1")[..8]` — a write-journal segment.
+pub const JOURNAL_V1: [u8; 8] = [0x57, 0x72, 0x8b, 0x77, 0x71, 0x49, 0x36, 0x82];
+
 /// Size of every magic.
 pub const MAGIC_LEN: usize = 8;
 
@@ -41,5 +44,6 @@ mod tests {
         assert_eq!(FIXED_INDEX_V1, derive("lifeboat fixed index v1"));
         assert_eq!(MANIFEST_V1, derive("lifeboat manifest v1"));
         assert_eq!(CONFIG_V1, derive("lifeboat vault config v1"));
+        assert_eq!(JOURNAL_V1, derive("lifeboat journal segment v1"));
     }
 }

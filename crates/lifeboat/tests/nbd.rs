@@ -233,3 +233,87 @@ fn garbage_from_a_client_is_refused_and_changes_nothing() {
     let _ = c.read_to_end(&mut rest); // the server hangs up
     assert_eq!(std::fs::read(&img).unwrap(), before);
 }
+
+#[test]
+fn the_journal_captures_every_write_in_order_and_replays_to_the_same_volume() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = image(d.path());
+    let before = d.path().join("before.raw");
+    std::fs::copy(&img, &before).unwrap();
+    let journal = d.path().join("journal");
+    let sock = d.path().join("s");
+    let jarg = ["--journal", journal.to_str().unwrap()];
+    {
+        let s = serve(&img, &sock, &jarg);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x11 0 4k",
+                "-c",
+                "write -P 0x22 2M 64k",
+                "-c",
+                "write -P 0x33 2M 4k",
+                "-c",
+                "write -z 5M 8k",
+                "-c",
+                "flush",
+                &s.uri,
+            ],
+        );
+    }
+    let stats = Command::new(BIN)
+        .args(["debug", "journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(v["writes"], 3, "{v}");
+    assert_eq!(v["zeroes"], 1, "{v}");
+    assert!(v["barriers"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["first_seq"], 1);
+
+    // a second session continues the sequence
+    {
+        let s = serve(&img, &sock, &jarg);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x44 7M 512",
+                "-c",
+                "flush",
+                &s.uri,
+            ],
+        );
+    }
+    // replaying the journal onto the volume as it was gives the volume as it is
+    let o = Command::new(BIN)
+        .args([
+            "debug",
+            "journal",
+            journal.to_str().unwrap(),
+            "--replay-onto",
+            before.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["writes"], 4, "{v}");
+    assert_eq!(
+        v["last_seq"].as_u64().unwrap(),
+        v["records"].as_u64().unwrap(),
+        "no gaps: {v}"
+    );
+    assert_eq!(
+        std::fs::read(&before).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}

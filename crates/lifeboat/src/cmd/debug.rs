@@ -31,6 +31,13 @@ pub enum DebugCmd {
         #[arg(long, default_value_t = 2)]
         seed: u64,
     },
+    /// Summarise a write journal, optionally replaying it onto a volume
+    Journal {
+        dir: PathBuf,
+        /// Apply the journal's writes, in order, to this file
+        #[arg(long)]
+        replay_onto: Option<PathBuf>,
+    },
     /// Measure the data path alone (keyed hash + zstd + AES-GCM) on the data
     /// of an image held in memory, on one thread; prints MB/s
     Datapath {
@@ -61,6 +68,27 @@ pub fn run(c: DebugCmd) -> Result<()> {
         } => {
             let w = sample::mutate(&path, percent / 100.0, write_size, seed)?;
             println!("{w}");
+        }
+        DebugCmd::Journal { dir, replay_onto } => {
+            let recs = lifeboat_capture::journal::read_all(&dir)?;
+            let count = |k: &str| recs.iter().filter(|r| r.kind == k).count();
+            let bytes: u64 = recs
+                .iter()
+                .filter(|r| r.kind == "write")
+                .map(|r| r.len as u64)
+                .sum();
+            if let Some(p) = replay_onto {
+                let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+                lifeboat_capture::journal::replay(&recs, &f)?;
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "records": recs.len(), "writes": count("write"), "zeroes": count("zero"),
+                    "trims": count("trim"), "barriers": count("barrier"), "write_bytes": bytes,
+                    "first_seq": recs.first().map(|r| r.seq), "last_seq": recs.last().map(|r| r.seq),
+                })
+            );
         }
         DebugCmd::Datapath {
             path,

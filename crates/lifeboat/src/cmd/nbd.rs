@@ -15,7 +15,8 @@ pub enum NbdCmd {
     /// Serve a raw image or block device to NBD clients (qemu, nbdcopy, nbdinfo, nbdfuse)
     #[command(
         after_help = "Structured replies, base:allocation block status (holes), READ, WRITE, FLUSH, FUA, \
-TRIM, WRITE_ZEROES, CACHE. Serves until interrupted. (Write capture into a journal comes with `lifeboat agent`.)\n\n\
+TRIM, WRITE_ZEROES, CACHE. With --journal, every write is appended to a local journal in order before it is acknowledged (the \
+splitter's capture; shipping it to a recovery site comes with `lifeboat agent`). Serves until interrupted.\n\n\
 Examples:\n  lifeboat nbd serve vm.raw --socket /run/lifeboat/vm.sock\n  \
 qemu-img info 'nbd+unix:///disk0?socket=/run/lifeboat/vm.sock'\n  \
 lifeboat nbd serve /dev/vg0/db --listen 127.0.0.1:10809 --name db --read-only"
@@ -39,6 +40,10 @@ pub struct ServeArgs {
     /// Refuse writes
     #[arg(long)]
     pub read_only: bool,
+    /// Capture every write, in order, into a journal in this directory
+    /// before acknowledging it (FLUSH/FUA become durable barriers)
+    #[arg(long, value_name = "DIR")]
+    pub journal: Option<PathBuf>,
 }
 
 pub fn run(c: NbdCmd) -> Result<()> {
@@ -49,11 +54,19 @@ pub fn run(c: NbdCmd) -> Result<()> {
         .open(&a.volume)
         .with_context(|| format!("cannot open {}", a.volume.display()))?;
     let size = volume_size(&file)?;
+    let journal = match &a.journal {
+        Some(d) => Some(
+            lifeboat_capture::journal::Journal::open(d)
+                .with_context(|| format!("cannot open the journal in {}", d.display()))?,
+        ),
+        None => None,
+    };
     let export = Arc::new(Export {
         name: a.name.clone(),
         file,
         size,
         read_only: a.read_only,
+        journal,
     });
     let shutdown = Arc::new(AtomicBool::new(false));
     match (&a.socket, &a.listen) {
