@@ -290,16 +290,6 @@ impl Backend for LocalBackend {
     }
 }
 
-/// Open a file for appending-free random writes, creating it.
-pub fn open_rw(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
