@@ -1,7 +1,7 @@
 //! Every decoder of lifeboat-format on the same input: none may panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use lifeboat_format::{blob, config, index, journal, lock, manifest, nbd, pack};
+use lifeboat_format::{blob, config, dirtymap, index, journal, lock, manifest, nbd, pack};
 
 fuzz_target!(|data: &[u8]| {
     let _ = blob::parse_sealed(data);
@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = lock::LockRecord::decode(data);
     let _ = lock::Condemned::decode(data);
     let _ = journal::decode_segment(data);
+    let _ = dirtymap::DirtyMapHeader::decode(data);
     let _ = nbd::parse_go(data);
     let _ = nbd::parse_meta_context(data);
     if let Some(h) = data.get(..nbd::REQUEST_LEN) {

@@ -11,6 +11,7 @@
 //! restore never leaves a half-written file at the destination name.
 
 pub mod diff;
+pub mod dirtymap;
 pub mod extents;
 pub mod journal;
 pub mod nbd;

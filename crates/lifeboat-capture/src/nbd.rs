@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use lifeboat_format::nbd::*;
 
+use crate::dirtymap::DirtyMap;
 use crate::extents::data_extents;
 use crate::journal::Journal;
 use lifeboat_format::journal::RecordKind;
@@ -27,6 +28,8 @@ pub struct Export {
     pub read_only: bool,
     /// Where writes are captured, in order, before they are acknowledged.
     pub journal: Option<Journal>,
+    /// Chunks written since the replica last caught up, kept durably.
+    pub dirty: Option<DirtyMap>,
 }
 
 impl Export {
@@ -263,6 +266,10 @@ fn serve(
                   data: &[u8],
                   apply: &dyn Fn() -> io::Result<()>|
      -> Result<(), (u32, String)> {
+        // The dirty map first: whatever happens next, a resync covers it.
+        if let Some(d) = &export.dirty {
+            d.mark(req.offset, req.len as u64).map_err(err)?;
+        }
         match &export.journal {
             Some(j) => j
                 .record(kind, req.offset, req.len, data, apply)

@@ -17,6 +17,7 @@
 
 pub mod blob;
 pub mod config;
+pub mod dirtymap;
 pub mod error;
 pub mod ids;
 pub mod index;

@@ -23,6 +23,9 @@ pub const CONFIG_V1: [u8; 8] = [0xa8, 0x79, 0xd9, 0xad, 0x3e, 0x6e, 0xc4, 0xf3];
 /// `blake3("lifeboat journal segment v1")[..8]` — a write-journal segment.
 pub const JOURNAL_V1: [u8; 8] = [0x57, 0x72, 0x8b, 0x77, 0x71, 0x49, 0x36, 0x82];
 
+/// `blake3("lifeboat dirty map v1")[..8]` — the splitter's persistent dirty map.
+pub const DIRTY_MAP_V1: [u8; 8] = [0x1b, 0xc8, 0x40, 0xc8, 0x29, 0x4d, 0xff, 0x36];
+
 /// Size of every magic.
 pub const MAGIC_LEN: usize = 8;
 
@@ -45,5 +48,6 @@ mod tests {
         assert_eq!(MANIFEST_V1, derive("lifeboat manifest v1"));
         assert_eq!(CONFIG_V1, derive("lifeboat vault config v1"));
         assert_eq!(JOURNAL_V1, derive("lifeboat journal segment v1"));
+        assert_eq!(DIRTY_MAP_V1, derive("lifeboat dirty map v1"));
     }
 }

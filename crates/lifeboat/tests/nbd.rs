@@ -307,6 +307,9 @@ fn the_journal_captures_every_write_in_order_and_replays_to_the_same_volume() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["writes"], 4, "{v}");
+    // chunks 0, 32 (two writes), 80 (zeroes) and 112 of 64 KiB are dirty
+    assert_eq!(v["dirty_ranges"], 4, "{v}");
+    assert_eq!(v["dirty_bytes"], 4 * 65536, "{v}");
     assert_eq!(
         v["last_seq"].as_u64().unwrap(),
         v["records"].as_u64().unwrap(),

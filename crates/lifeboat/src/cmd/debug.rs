@@ -77,6 +77,17 @@ pub fn run(c: DebugCmd) -> Result<()> {
                 .filter(|r| r.kind == "write")
                 .map(|r| r.len as u64)
                 .sum();
+            let map = dir.join("dirty.map");
+            let dirty: Option<Vec<std::ops::Range<u64>>> = if map.exists() {
+                let head = std::fs::read(&map)?;
+                let h = lifeboat_format::dirtymap::DirtyMapHeader::decode(&head)?;
+                Some(
+                    lifeboat_capture::dirtymap::DirtyMap::open(&map, h.chunk_size, h.size)?
+                        .dirty_ranges(),
+                )
+            } else {
+                None
+            };
             if let Some(p) = replay_onto {
                 let f = std::fs::OpenOptions::new().write(true).open(&p)?;
                 lifeboat_capture::journal::replay(&recs, &f)?;
@@ -87,6 +98,8 @@ pub fn run(c: DebugCmd) -> Result<()> {
                     "records": recs.len(), "writes": count("write"), "zeroes": count("zero"),
                     "trims": count("trim"), "barriers": count("barrier"), "write_bytes": bytes,
                     "first_seq": recs.first().map(|r| r.seq), "last_seq": recs.last().map(|r| r.seq),
+                    "dirty_ranges": dirty.as_ref().map(|d| d.len()),
+                    "dirty_bytes": dirty.as_ref().map(|d| d.iter().map(|r| r.end - r.start).sum::<u64>()),
                 })
             );
         }

@@ -41,7 +41,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub read_only: bool,
     /// Capture every write, in order, into a journal in this directory
-    /// before acknowledging it (FLUSH/FUA become durable barriers)
+    /// before acknowledging it (FLUSH/FUA become durable barriers), and keep
+    /// a durable dirty map of the chunks written (DIR/dirty.map)
     #[arg(long, value_name = "DIR")]
     pub journal: Option<PathBuf>,
 }
@@ -61,12 +62,21 @@ pub fn run(c: NbdCmd) -> Result<()> {
         ),
         None => None,
     };
+    // The dirty map lives beside the journal, one bit per 64 KiB chunk.
+    let dirty = match &a.journal {
+        Some(d) => Some(
+            lifeboat_capture::dirtymap::DirtyMap::open(&d.join("dirty.map"), 64 << 10, size)
+                .with_context(|| format!("cannot open the dirty map in {}", d.display()))?,
+        ),
+        None => None,
+    };
     let export = Arc::new(Export {
         name: a.name.clone(),
         file,
         size,
         read_only: a.read_only,
         journal,
+        dirty,
     });
     let shutdown = Arc::new(AtomicBool::new(false));
     match (&a.socket, &a.listen) {
