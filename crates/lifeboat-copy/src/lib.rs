@@ -157,7 +157,7 @@ pub struct CopyReport {
     /// Bytes moved by this run (less than `data_bytes` after `--resume`).
     pub transferred_bytes: u64,
     pub resumed_from: u64,
-    /// How the bytes moved: `copy_file_range`, `read-write`, `server-side`,
+    /// How the bytes moved: `reflink`, `read-write`, `server-side`,
     /// `multipart-upload`, `ranged-download`.
     pub method: String,
     pub blake3: Option<String>,

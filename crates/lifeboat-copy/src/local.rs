@@ -195,9 +195,29 @@ pub(crate) fn local_to_local(
     let src_name = src.display().to_string();
     let (d, done, part, ckpt, dir) = open_partial(dst, &src_name, size, &version, opts.resume)?;
     report.resumed_from = done;
+    // Where the file system can share extents (XFS, btrfs), one FICLONE
+    // makes the whole copy instantly, sparse as the source.
+    if done == 0 && rustix::fs::ioctl_ficlone(&d, &s).is_ok() {
+        progress.advance(data);
+        report.transferred_bytes = data;
+        if let Err(e) = check_size(&s, src, size) {
+            let _ = fs::remove_file(&part);
+            let _ = fs::remove_file(&ckpt);
+            return Err(e);
+        }
+        if opts.verify {
+            let digest =
+                crate::verify_before_publish(&crate::Endpoint::Local(src.to_path_buf()), &part)?;
+            report.blake3 = Some(digest);
+            report.verified = true;
+        }
+        publish(&d, &part, &ckpt, &dir, dst, opts.fsync)?;
+        report.method = "reflink".into();
+        return Ok(report);
+    }
     let mut since = 0u64;
     let mut last_ckpt = std::time::Instant::now();
-    let mut method = String::from("copy_file_range");
+    let mut method = String::from("read-write");
     for r in &extents {
         if r.end <= done {
             progress.advance(r.end - r.start);
@@ -273,8 +293,10 @@ fn check_size(s: &File, src: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copy `[start, end)` at the same offsets: copy_file_range (server-side in
-/// the file system, reflinks where supported), falling back to read/write.
+/// Copy `[start, end)` at the same offsets with pread/pwrite through a
+/// 128 KiB buffer that stays in the CPU cache (measured faster here than
+/// copy_file_range, which the kernel turns into a splice through fresh
+/// pages when it cannot reflink).
 fn copy_range(
     s: &File,
     d: &File,
@@ -284,54 +306,27 @@ fn copy_range(
     end: u64,
     progress: &dyn Progress,
 ) -> Result<String> {
-    let mut pos = start;
-    let mut use_cfr = true;
-    let mut buf = Vec::new();
-    while pos < end {
-        let want = ((end - pos).min(8 << 20)) as usize;
-        if use_cfr {
-            let mut off_in = pos;
-            let mut off_out = pos;
-            match rustix::fs::copy_file_range(s, Some(&mut off_in), d, Some(&mut off_out), want) {
-                Ok(0) => {
-                    return Err(CopyError::Invalid(format!(
-                        "{}: the source ended at {pos}, before its size said; it changed during the copy",
-                        src.display()
-                    )))
-                }
-                Ok(n) => {
-                    pos += n as u64;
-                    progress.advance(n as u64);
-                    continue;
-                }
-                Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP) => {
-                    use_cfr = false;
-                    buf = vec![0u8; 8 << 20];
-                    continue;
-                }
-                Err(e) => return Err(io_err(dst, "copy_file_range", e.into())),
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 128 << 10]);
+    }
+    BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        let mut pos = start;
+        while pos < end {
+            let want = ((end - pos).min(buf.len() as u64)) as usize;
+            let n = s.read_at(&mut buf[..want], pos).map_err(|e| io_err(src, "read", e))?;
+            if n == 0 {
+                return Err(CopyError::Invalid(format!(
+                    "{}: the source ended at {pos}, before its size said; it changed during the copy",
+                    src.display()
+                )));
             }
+            d.write_all_at(&buf[..n], pos).map_err(|e| io_err(dst, "write", e))?;
+            pos += n as u64;
+            progress.advance(n as u64);
         }
-        let n = s
-            .read_at(&mut buf[..want], pos)
-            .map_err(|e| io_err(src, "read", e))?;
-        if n == 0 {
-            return Err(CopyError::Invalid(format!(
-                "{}: the source ended at {pos}; it changed during the copy",
-                src.display()
-            )));
-        }
-        d.write_all_at(&buf[..n], pos)
-            .map_err(|e| io_err(dst, "write", e))?;
-        pos += n as u64;
-        progress.advance(n as u64);
-    }
-    Ok(if use_cfr {
-        "copy_file_range"
-    } else {
-        "read-write"
-    }
-    .into())
+        Ok("read-write".to_string())
+    })
 }
 
 /// BLAKE3 of a file or device, hashing zeros for holes without reading them.
