@@ -84,6 +84,31 @@ pub fn start_writeback(f: &File, offset: u64, len: u64) {
     }
 }
 
+/// pread that fills `buf`; bytes past the end of the file read as zeros
+/// (callers that care check the size afterwards).
+///
+/// # Errors
+/// I/O errors other than EINTR.
+pub fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Total bytes in `extents`.
 pub fn total(extents: &[Range<u64>]) -> u64 {
     extents.iter().map(|r| r.end - r.start).sum()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use lifeboat_format::nbd::*;
 
 use crate::dirtymap::DirtyMap;
-use crate::extents::data_extents;
+use crate::extents::{data_extents, read_full};
 use crate::journal::Journal;
 use lifeboat_format::journal::RecordKind;
 
@@ -381,25 +381,6 @@ fn serve(
         }
         k => Err((EINVAL, format!("unknown command {k}"))),
     }
-}
-
-fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                done += n;
-                off += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {

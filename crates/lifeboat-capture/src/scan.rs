@@ -1,7 +1,6 @@
 //! Scan capture: read data extents, chunk, dedup, write a point.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,7 @@ use lifeboat_store::crypto::is_zero;
 use lifeboat_store::{PackWriter, Vault, WriteStats};
 use serde::Serialize;
 
-use crate::extents::{chunk_runs, data_extents, total, volume_size};
+use crate::extents::{chunk_runs, data_extents, read_full, total, volume_size};
 use crate::{CaptureError, Result};
 
 /// One volume to capture.
@@ -272,33 +271,13 @@ fn scan_volume(
     Ok(index.into_inner().unwrap())
 }
 
-/// pread that fills `buf`; bytes past the end of a shrunk file read as zeros
-/// (the size check after the scan reports the shrink).
-fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                done += n;
-                off += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use lifeboat_store::backend::memory::MemoryBackend;
     use lifeboat_store::{InitOptions, Secret};
     use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
     use std::sync::atomic::AtomicBool;
 
     fn vault() -> Arc<Vault> {

@@ -200,20 +200,18 @@ pub(crate) fn local_to_local(
     if done == 0 && rustix::fs::ioctl_ficlone(&d, &s).is_ok() {
         progress.advance(data);
         report.transferred_bytes = data;
-        if let Err(e) = check_size(&s, src, size) {
-            let _ = fs::remove_file(&part);
-            let _ = fs::remove_file(&ckpt);
-            return Err(e);
-        }
-        if opts.verify {
-            let digest =
-                crate::verify_before_publish(&crate::Endpoint::Local(src.to_path_buf()), &part)?;
-            report.blake3 = Some(digest);
-            report.verified = true;
-        }
-        publish(&d, &part, &ckpt, &dir, dst, opts.fsync)?;
         report.method = "reflink".into();
-        return Ok(report);
+        let f = Finish {
+            s: &s,
+            src,
+            size,
+            d: &d,
+            part: &part,
+            ckpt: &ckpt,
+            dir: &dir,
+            dst,
+        };
+        return f.finish(opts, report);
     }
     let mut since = 0u64;
     let mut last_ckpt = std::time::Instant::now();
@@ -266,20 +264,51 @@ pub(crate) fn local_to_local(
             }
         }
     }
-    if let Err(e) = check_size(&s, src, size) {
-        let _ = fs::remove_file(&part);
-        let _ = fs::remove_file(&ckpt);
-        return Err(e);
-    }
-    if opts.verify {
-        let digest =
-            crate::verify_before_publish(&crate::Endpoint::Local(src.to_path_buf()), &part)?;
-        report.blake3 = Some(digest);
-        report.verified = true;
-    }
-    publish(&d, &part, &ckpt, &dir, dst, opts.fsync)?;
     report.method = method;
-    Ok(report)
+    let f = Finish {
+        s: &s,
+        src,
+        size,
+        d: &d,
+        part: &part,
+        ckpt: &ckpt,
+        dir: &dir,
+        dst,
+    };
+    f.finish(opts, report)
+}
+
+/// The end of a local-to-local copy: the source must still have its size,
+/// then optional verification, then publish.
+struct Finish<'a> {
+    s: &'a File,
+    src: &'a Path,
+    size: u64,
+    d: &'a File,
+    part: &'a Path,
+    ckpt: &'a Path,
+    dir: &'a Path,
+    dst: &'a Path,
+}
+
+impl Finish<'_> {
+    fn finish(self, opts: &CopyOptions, mut report: CopyReport) -> Result<CopyReport> {
+        if let Err(e) = check_size(self.s, self.src, self.size) {
+            let _ = fs::remove_file(self.part);
+            let _ = fs::remove_file(self.ckpt);
+            return Err(e);
+        }
+        if opts.verify {
+            let digest = crate::verify_before_publish(
+                &crate::Endpoint::Local(self.src.to_path_buf()),
+                self.part,
+            )?;
+            report.blake3 = Some(digest);
+            report.verified = true;
+        }
+        publish(self.d, self.part, self.ckpt, self.dir, self.dst, opts.fsync)?;
+        Ok(report)
+    }
 }
 
 fn check_size(s: &File, src: &Path, size: u64) -> Result<()> {
