@@ -197,20 +197,20 @@ pub(crate) fn local_to_local(
     report.resumed_from = done;
     // Where the file system can share extents (XFS, btrfs), one FICLONE
     // makes the whole copy instantly, sparse as the source.
+    let f = Finish {
+        s: &s,
+        src,
+        size,
+        d: &d,
+        part: &part,
+        ckpt: &ckpt,
+        dir: &dir,
+        dst,
+    };
     if done == 0 && rustix::fs::ioctl_ficlone(&d, &s).is_ok() {
         progress.advance(data);
         report.transferred_bytes = data;
         report.method = "reflink".into();
-        let f = Finish {
-            s: &s,
-            src,
-            size,
-            d: &d,
-            part: &part,
-            ckpt: &ckpt,
-            dir: &dir,
-            dst,
-        };
         return f.finish(opts, report);
     }
     let mut since = 0u64;
@@ -265,16 +265,6 @@ pub(crate) fn local_to_local(
         }
     }
     report.method = method;
-    let f = Finish {
-        s: &s,
-        src,
-        size,
-        d: &d,
-        part: &part,
-        ckpt: &ckpt,
-        dir: &dir,
-        dst,
-    };
     f.finish(opts, report)
 }
 

@@ -32,11 +32,4 @@ pub enum StoreError {
     Invalid(String),
 }
 
-impl StoreError {
-    /// Whether retrying the same operation may succeed (network trouble).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Backend(BackendError::Remote { .. }))
-    }
-}
-
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -38,6 +38,22 @@ fn point(v: &Vault, w: &PackWriter, id: u64, chunks: &[ChunkId], tags: &[&str]) 
     m
 }
 
+/// A fresh in-memory vault with 4 KiB chunks.
+fn vault() -> Arc<Vault> {
+    let opts = InitOptions {
+        chunk_size: 4096,
+        ..Default::default()
+    };
+    Arc::new(
+        Vault::init(
+            Arc::new(MemoryBackend::new()),
+            &Secret::Password(b"pw".to_vec()),
+            &opts,
+        )
+        .unwrap(),
+    )
+}
+
 fn chunk(v: &Vault, w: &PackWriter, seed: u8) -> ChunkId {
     let data = vec![seed; v.chunk_size() as usize];
     let id = v.keys().chunk_id(&data);
@@ -47,18 +63,7 @@ fn chunk(v: &Vault, w: &PackWriter, seed: u8) -> ChunkId {
 
 #[test]
 fn prune_defers_packs_a_running_writer_may_use() {
-    let secret = Secret::Password(b"pw".to_vec());
-    let v = Arc::new(
-        Vault::init(
-            Arc::new(MemoryBackend::new()),
-            &secret,
-            &InitOptions {
-                chunk_size: 4096,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let v = vault();
 
     // point A holds chunk x
     let (lock, w) = v.begin_write().unwrap();
@@ -113,18 +118,7 @@ fn prune_defers_packs_a_running_writer_may_use() {
 
 #[test]
 fn garbage_is_deleted_at_once_when_no_writer_runs() {
-    let secret = Secret::Password(b"pw".to_vec());
-    let v = Arc::new(
-        Vault::init(
-            Arc::new(MemoryBackend::new()),
-            &secret,
-            &InitOptions {
-                chunk_size: 4096,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let v = vault();
     let (lock, w) = v.begin_write().unwrap();
     let x = chunk(&v, &w, 1);
     point(&v, &w, 1, &[x], &[]);
@@ -156,18 +150,7 @@ fn garbage_is_deleted_at_once_when_no_writer_runs() {
 fn a_writer_that_finished_before_the_deletion_step_keeps_its_chunks() {
     // B used A's chunk x and finished; prune removes A: the fresh re-read
     // before deleting must see B's point and keep x.
-    let secret = Secret::Password(b"pw".to_vec());
-    let v = Arc::new(
-        Vault::init(
-            Arc::new(MemoryBackend::new()),
-            &secret,
-            &InitOptions {
-                chunk_size: 4096,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let v = vault();
     let (lock, w) = v.begin_write().unwrap();
     let x = chunk(&v, &w, 1);
     point(&v, &w, 1, &[x], &[]);
