@@ -54,4 +54,19 @@ fn main() {
     seg.extend_from_slice(b"abcd");
     put("decoders", "journal", &seg);
     println!("seeds written");
+    // replication frames (without the length prefix, as the decoder sees them)
+    use lifeboat_format::proto::{self, Frame, Rec, RecKind};
+    let recs = vec![Rec { kind: RecKind::Write, seq: 1, offset: 0, len: 4, data: b"abcd".to_vec() }, Rec { kind: RecKind::Barrier, seq: 2, offset: 0, len: 0, data: vec![] }];
+    let payload = proto::encode_records(&recs);
+    put("proto", "records", &payload);
+    let frames = [
+        Frame::Hello { version: proto::PROTO_VERSION, item: "db".into(), volume: "disk0".into(), size: 1 << 20, chunk_size: 65536, journal_id: [3; 16] },
+        Frame::Batch { codec: 0, raw_len: payload.len() as u32, payload },
+        Frame::Hashes { chunks: vec![(1, [5; 32]), (4, proto::ZERO_HASH)] },
+        Frame::Status { state: proto::VolumeState::Protected, rpo_ms: 1, lag_bytes: 2, journal_bytes: 3, sent_bytes: 4, resync_bytes: 5 },
+        Frame::Error { code: 1, message: "x".into() },
+    ];
+    for (i, f) in frames.iter().enumerate() {
+        put("proto", &format!("frame{i}"), &f.encode()[4..]);
+    }
 }

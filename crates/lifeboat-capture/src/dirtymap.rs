@@ -3,6 +3,12 @@
 //! Only clean→dirty transitions cost a write and an fdatasync of the map;
 //! writes to chunks already dirty cost nothing (as DRBD's activity log
 //! amortises its updates).
+//!
+//! Replication clears bits again: a chunk's bit is cleared once the recovery
+//! site has acknowledged every journal record that touched it (its last
+//! sequence, kept in memory) and no resync of it is pending. Bits found set
+//! at open (after a crash or restart) are pending resyncs: they are compared
+//! by hash with the replica, so only chunks that differ travel.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +23,27 @@ pub struct DirtyMap {
     file: File,
     header: DirtyMapHeader,
     bits: Mutex<Vec<u8>>,
+    track: Mutex<Track>,
+}
+
+/// In-memory state per chunk for replication.
+struct Track {
+    /// Sequence of the last journal record that touched the chunk.
+    last_seq: Vec<u64>,
+    /// 0: nothing pending; 1: needs a resync; 2: in the current resync pass.
+    needs: Vec<u8>,
+}
+
+impl Track {
+    fn new(chunks: u64, bits: &[u8]) -> Track {
+        let needs = (0..chunks)
+            .map(|c| (bits[(c / 8) as usize] >> (c % 8)) & 1)
+            .collect();
+        Track {
+            last_seq: vec![0; chunks as usize],
+            needs,
+        }
+    }
 }
 
 impl DirtyMap {
@@ -43,10 +70,12 @@ impl DirtyMap {
             if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 File::open(dir)?.sync_all()?;
             }
+            let bits = vec![0; want.bitmap_len() as usize];
             return Ok(DirtyMap {
                 file,
                 header: want,
-                bits: Mutex::new(vec![0; want.bitmap_len() as usize]),
+                track: Mutex::new(Track::new(want.chunks(), &bits)),
+                bits: Mutex::new(bits),
             });
         }
         let mut h = [0u8; HEADER_LEN];
@@ -68,6 +97,7 @@ impl DirtyMap {
         Ok(DirtyMap {
             file,
             header,
+            track: Mutex::new(Track::new(header.chunks(), &bits)),
             bits: Mutex::new(bits),
         })
     }
@@ -109,6 +139,119 @@ impl DirtyMap {
         Ok(true)
     }
 
+    pub fn chunk_size(&self) -> u32 {
+        self.header.chunk_size
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.header.chunks()
+    }
+
+    /// Journal record `seq` touched `[offset, offset+len)` (called under the
+    /// journal lock, so sequences per chunk only grow).
+    pub fn note(&self, offset: u64, len: u64, seq: u64) {
+        let r = self.chunk_range(offset, len);
+        let mut t = self.track.lock().unwrap();
+        for c in r {
+            t.last_seq[c as usize] = seq;
+        }
+    }
+
+    /// Chunks touched by records after `acked` need a resync (their
+    /// records are being dropped): flag them and make sure their bits are
+    /// set on disk. Returns how many were flagged.
+    ///
+    /// # Errors
+    /// I/O errors writing the map.
+    pub fn flag_unacked(&self, acked: u64) -> io::Result<u64> {
+        let mut bits = self.bits.lock().unwrap();
+        let mut t = self.track.lock().unwrap();
+        let mut n = 0;
+        for c in 0..self.header.chunks() as usize {
+            if t.last_seq[c] > acked {
+                t.needs[c] = 1;
+                bits[c / 8] |= 1 << (c % 8);
+                n += 1;
+            }
+        }
+        self.file.write_all_at(&bits, HEADER_LEN as u64)?;
+        self.file.sync_data()?;
+        Ok(n)
+    }
+
+    /// Flag every chunk as needing a resync (a full compare by hash).
+    pub fn flag_all(&self) {
+        let mut t = self.track.lock().unwrap();
+        for n in t.needs.iter_mut() {
+            if *n == 0 {
+                *n = 1;
+            }
+        }
+    }
+
+    /// Chunks pending a resync.
+    pub fn pending(&self) -> u64 {
+        self.track
+            .lock()
+            .unwrap()
+            .needs
+            .iter()
+            .filter(|n| **n != 0)
+            .count() as u64
+    }
+
+    /// Start a resync pass: the chunks that need one, now "in the pass".
+    pub fn pass_begin(&self) -> Vec<u64> {
+        let mut t = self.track.lock().unwrap();
+        let mut out = Vec::new();
+        for (c, n) in t.needs.iter_mut().enumerate() {
+            if *n != 0 {
+                *n = 2;
+                out.push(c as u64);
+            }
+        }
+        out
+    }
+
+    /// End a resync pass: acknowledged by the recovery site (`ok`) or not.
+    /// Chunks flagged again during the pass stay pending.
+    pub fn pass_end(&self, ok: bool) {
+        let mut t = self.track.lock().unwrap();
+        for n in t.needs.iter_mut() {
+            if *n == 2 {
+                *n = if ok { 0 } else { 1 };
+            }
+        }
+    }
+
+    /// Clear the bits of chunks the recovery site holds: no resync pending
+    /// and every record touching them at or below `acked`. Returns how
+    /// many bits were cleared (the map is synced if any).
+    ///
+    /// # Errors
+    /// I/O errors writing the map.
+    pub fn clear_acked(&self, acked: u64) -> io::Result<u64> {
+        let mut bits = self.bits.lock().unwrap();
+        let t = self.track.lock().unwrap();
+        let (mut lo, mut hi, mut n) = (usize::MAX, 0usize, 0u64);
+        for c in 0..self.header.chunks() as usize {
+            let (byte, bit) = (c / 8, 1u8 << (c % 8));
+            if bits[byte] & bit != 0 && t.needs[c] == 0 && t.last_seq[c] <= acked {
+                bits[byte] &= !bit;
+                lo = lo.min(byte);
+                hi = hi.max(byte + 1);
+                n += 1;
+            }
+        }
+        drop(t);
+        if n > 0 {
+            self.file
+                .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
+            self.file.sync_data()?;
+        }
+        Ok(n)
+    }
+
     /// Dirty chunks, as byte ranges of the volume (merged).
     pub fn dirty_ranges(&self) -> Vec<Range<u64>> {
         let bits = self.bits.lock().unwrap();
@@ -148,5 +291,38 @@ mod tests {
             DirtyMap::open(&p, 8192, 100_000).is_err(),
             "another geometry is refused"
         );
+    }
+
+    #[test]
+    fn bits_clear_only_when_acknowledged_and_no_resync_is_pending() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dirty.map");
+        let m = DirtyMap::open(&p, 4096, 40_960).unwrap();
+        m.mark(0, 10).unwrap();
+        m.note(0, 10, 5);
+        m.mark(4096, 10).unwrap();
+        m.note(4096, 10, 7);
+        assert_eq!(
+            m.clear_acked(6).unwrap(),
+            1,
+            "chunk 0 is acked, chunk 1 not"
+        );
+        assert_eq!(m.dirty_ranges(), vec![4096..8192]);
+        // a restart: chunk 1 is pending a resync until a pass is acked
+        drop(m);
+        let m = DirtyMap::open(&p, 4096, 40_960).unwrap();
+        assert_eq!(m.pending(), 1);
+        assert_eq!(m.clear_acked(100).unwrap(), 0);
+        assert_eq!(m.pass_begin(), vec![1]);
+        m.pass_end(false);
+        assert_eq!(m.pass_begin(), vec![1]);
+        m.pass_end(true);
+        assert_eq!(m.clear_acked(100).unwrap(), 1);
+        assert!(m.dirty_ranges().is_empty());
+        // dropped records flag their chunks
+        m.mark(8192, 1).unwrap();
+        m.note(8192, 1, 9);
+        assert_eq!(m.flag_unacked(8).unwrap(), 1);
+        assert_eq!(m.pass_begin(), vec![2]);
     }
 }

@@ -6,15 +6,25 @@
 //! record is followed by fdatasync of the journal, so FLUSH and FUA are
 //! durable in the journal before they are acknowledged. On open, a torn tail
 //! left by a crash is cut off and sequence numbers continue.
+//!
+//! The journal is also the outage buffer of replication: a [`Cursor`] reads
+//! committed records from any sequence on, [`Journal::trim`] drops segments
+//! the recovery site has acknowledged, and [`Journal::drop_unshipped`] gives
+//! up the whole buffer when it overflows (the dirty map then bounds the
+//! resync). `journal.id` names the journal: sequence numbers are only
+//! comparable within one journal.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use lifeboat_format::journal::{
-    decode_segment, encode_record_header, encode_segment_header, RecordKind,
+    decode_record, decode_segment, encode_record_header, encode_segment_header, segment_first_seq,
+    RecordKind, MAX_RECORD_DATA, SEGMENT_HEADER_LEN,
 };
 
 /// A segment is closed and a new one started past this size.
@@ -22,6 +32,7 @@ pub const SEGMENT_MAX: u64 = 64 << 20;
 
 pub struct Journal {
     dir: PathBuf,
+    id: [u8; 16],
     inner: Mutex<Inner>,
 }
 
@@ -29,6 +40,13 @@ struct Inner {
     file: File,
     len: u64,
     next_seq: u64,
+    /// First sequence of the oldest segment kept.
+    oldest: u64,
+    /// Bytes of all segments kept.
+    bytes: u64,
+    /// When records not yet released were committed (seq, time), oldest
+    /// first: the age of the front is the replication RPO.
+    times: VecDeque<(u64, Instant)>,
 }
 
 fn segment_name(first: u64) -> String {
@@ -59,6 +77,7 @@ impl Journal {
     /// I/O errors, or a segment whose header is damaged.
     pub fn open(dir: &Path) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
+        let id = journal_id(dir)?;
         let segs = segments(dir)?;
         let (file, len, next_seq) = match segs.last() {
             Some(last) => {
@@ -86,14 +105,116 @@ impl Journal {
                 (f, lifeboat_format::journal::SEGMENT_HEADER_LEN as u64, 1)
             }
         };
+        let mut bytes = 0;
+        let mut oldest = next_seq;
+        let segs = segments(dir)?;
+        for (i, p) in segs.iter().enumerate() {
+            bytes += fs::metadata(p)?.len();
+            if i == 0 {
+                let mut h = [0u8; SEGMENT_HEADER_LEN];
+                File::open(p)?.read_exact_at(&mut h, 0)?;
+                oldest = segment_first_seq(&h).map_err(|e| bad(p, e))?;
+            }
+        }
         Ok(Journal {
             dir: dir.to_path_buf(),
+            id,
             inner: Mutex::new(Inner {
                 file,
                 len,
                 next_seq,
+                oldest,
+                bytes,
+                times: VecDeque::new(),
             }),
         })
+    }
+
+    /// This journal's identity.
+    pub fn id(&self) -> [u8; 16] {
+        self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The last sequence number whose record is complete (0 if none).
+    pub fn committed(&self) -> u64 {
+        self.inner.lock().unwrap().next_seq - 1
+    }
+
+    /// The oldest sequence number still in the journal (the next one when
+    /// the journal holds no record).
+    pub fn oldest(&self) -> u64 {
+        self.inner.lock().unwrap().oldest
+    }
+
+    /// Bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().unwrap().bytes
+    }
+
+    /// Commit time of the oldest record after `acked` recorded by this
+    /// process (records found on disk at open have none).
+    pub fn oldest_unacked_time(&self, acked: u64) -> Option<Instant> {
+        let g = self.inner.lock().unwrap();
+        g.times.iter().find(|(s, _)| *s > acked).map(|(_, t)| *t)
+    }
+
+    /// The recovery site holds everything up to `acked`: forget commit
+    /// times and delete every segment whose records are all at or below it
+    /// (never the segment being written).
+    ///
+    /// # Errors
+    /// I/O errors deleting segments.
+    pub fn trim(&self, acked: u64) -> io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        while g.times.front().is_some_and(|(s, _)| *s <= acked) {
+            g.times.pop_front();
+        }
+        let segs = segments(&self.dir)?;
+        let mut removed = false;
+        for w in segs.windows(2) {
+            let next_first = first_of(&w[1])?;
+            if next_first > acked + 1 {
+                break;
+            }
+            let len = fs::metadata(&w[0])?.len();
+            fs::remove_file(&w[0])?;
+            g.bytes = g.bytes.saturating_sub(len);
+            g.oldest = next_first;
+            removed = true;
+        }
+        if removed {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Give up every record (the buffer overflowed): under the journal lock,
+    /// `under_lock` runs (to mark what the records covered as needing a
+    /// resync), all segments are deleted and a new one starts. Returns the
+    /// sequence number the next record gets.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn drop_unshipped<F: FnOnce(u64) -> io::Result<()>>(
+        &self,
+        under_lock: F,
+    ) -> io::Result<u64> {
+        let mut g = self.inner.lock().unwrap();
+        under_lock(g.next_seq)?;
+        for p in segments(&self.dir)? {
+            fs::remove_file(&p)?;
+        }
+        let next = g.next_seq;
+        g.file = Self::new_segment(&self.dir, next)?;
+        g.len = SEGMENT_HEADER_LEN as u64;
+        g.bytes = g.len;
+        g.oldest = next;
+        g.times.clear();
+        Ok(next)
     }
 
     fn new_segment(dir: &Path, first: u64) -> io::Result<File> {
@@ -119,7 +240,7 @@ impl Journal {
     ///
     /// # Errors
     /// I/O errors of the journal or of `apply`.
-    pub fn record<F: FnOnce() -> io::Result<()>>(
+    pub fn record<F: FnOnce(u64) -> io::Result<()>>(
         &self,
         kind: RecordKind,
         offset: u64,
@@ -132,16 +253,20 @@ impl Journal {
             g.file.sync_data()?;
             let f = Self::new_segment(&self.dir, g.next_seq)?;
             g.file = f;
-            g.len = lifeboat_format::journal::SEGMENT_HEADER_LEN as u64;
+            g.len = SEGMENT_HEADER_LEN as u64;
+            g.bytes += g.len;
         }
         let seq = g.next_seq;
         let h = encode_record_header(kind, seq, offset, len, data);
         let at = g.len;
         g.file.write_all_at(&h, at)?;
         g.file.write_all_at(data, at + h.len() as u64)?;
-        apply()?;
-        g.len = at + (h.len() + data.len()) as u64;
+        apply(seq)?;
+        let used = (h.len() + data.len()) as u64;
+        g.len = at + used;
+        g.bytes += used;
         g.next_seq += 1;
+        g.times.push_back((seq, Instant::now()));
         if kind == RecordKind::Barrier {
             g.file.sync_data()?;
         }
@@ -154,7 +279,215 @@ impl Journal {
     /// # Errors
     /// I/O errors.
     pub fn barrier<F: FnOnce() -> io::Result<()>>(&self, sync_volume: F) -> io::Result<u64> {
-        self.record(RecordKind::Barrier, 0, 0, &[], sync_volume)
+        self.record(RecordKind::Barrier, 0, 0, &[], |_| sync_volume())
+    }
+}
+
+fn first_of(p: &Path) -> io::Result<u64> {
+    let mut h = [0u8; SEGMENT_HEADER_LEN];
+    File::open(p)?.read_exact_at(&mut h, 0)?;
+    segment_first_seq(&h).map_err(|e| bad(p, e))
+}
+
+/// The journal's identity, made on first use (16 random bytes in `journal.id`).
+fn journal_id(dir: &Path) -> io::Result<[u8; 16]> {
+    let p = dir.join("journal.id");
+    match fs::read(&p) {
+        Ok(b) if b.len() == 16 => Ok(b.try_into().expect("16 bytes")),
+        Ok(_) => Err(bad(&p, "not a journal id (16 bytes)")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut id = [0u8; 16];
+            getrandom::fill(&mut id).map_err(|e| io::Error::other(e.to_string()))?;
+            let tmp = dir.join("journal.id.partial");
+            let mut f = File::create(&tmp)?;
+            f.write_all(&id)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &p)?;
+            File::open(dir)?.sync_all()?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a cursor cannot go on.
+#[derive(Debug)]
+pub enum CursorError {
+    /// The records from this sequence on are no longer in the journal.
+    Gap {
+        wanted: u64,
+        oldest: u64,
+    },
+    Io(io::Error),
+}
+
+impl From<io::Error> for CursorError {
+    fn from(e: io::Error) -> Self {
+        CursorError::Io(e)
+    }
+}
+
+impl std::fmt::Display for CursorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CursorError::Gap { wanted, oldest } => write!(
+                f,
+                "journal no longer holds seq {wanted} (oldest is {oldest}): a resync is needed"
+            ),
+            CursorError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads committed records in order from a sequence number on.
+pub struct Cursor {
+    next: u64,
+    at: Option<(PathBuf, File, u64)>,
+    buf: Vec<u8>,
+    big: bool,
+}
+
+impl Cursor {
+    /// A cursor whose next record is `from`.
+    pub fn new(from: u64) -> Cursor {
+        Cursor {
+            next: from,
+            at: None,
+            buf: Vec::new(),
+            big: false,
+        }
+    }
+
+    /// The sequence number of the next record it returns.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// Records from the cursor on, up to `journal.committed()` and about
+    /// `max_bytes` of data.
+    ///
+    /// # Errors
+    /// [`CursorError::Gap`] when the journal no longer holds the next record.
+    pub fn read(
+        &mut self,
+        journal: &Journal,
+        max_bytes: usize,
+    ) -> Result<Vec<OwnedRecord>, CursorError> {
+        let committed = journal.committed();
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        while self.next <= committed && used < max_bytes {
+            if self.at.is_none() {
+                self.position(journal)?;
+            }
+            let (path, file, pos) = self.at.as_mut().expect("positioned");
+            // read what the segment holds from pos (bounded)
+            let remaining = file.metadata()?.len().saturating_sub(*pos) as usize;
+            // enough for the wanted bytes, or for one record of the largest size
+            let want = if self.big {
+                remaining.min(MAX_RECORD_DATA as usize + 64)
+            } else {
+                remaining.min(max_bytes.max(64 << 10) + (64 << 10))
+            };
+            self.buf.resize(want, 0);
+            let n = file.read_at(&mut self.buf, *pos)?;
+            self.buf.truncate(n);
+            let mut off = 0usize;
+            let mut progressed = false;
+            while self.next <= committed && used < max_bytes {
+                match decode_record(&self.buf[off..], self.next) {
+                    Some((r, u)) => {
+                        out.push(OwnedRecord {
+                            kind: format!("{:?}", r.kind).to_lowercase(),
+                            seq: r.seq,
+                            offset: r.offset,
+                            len: r.len,
+                            data: r.data.to_vec(),
+                        });
+                        off += u;
+                        used += u;
+                        self.next += 1;
+                        progressed = true;
+                    }
+                    None => break,
+                }
+            }
+            *pos += off as u64;
+            if self.next > committed || used >= max_bytes {
+                break;
+            }
+            if !progressed && !self.big && n < remaining {
+                // a record larger than the read: read more
+                self.big = true;
+                continue;
+            }
+            self.big = false;
+            if !progressed {
+                // the end of this segment: the next one must start here
+                let p = path.clone();
+                let nextp = journal.dir.join(segment_name(self.next));
+                if nextp.exists() && nextp != p {
+                    self.at = None;
+                    continue;
+                }
+                // a committed record we cannot read: its segment was dropped
+                self.at = None;
+                return Err(CursorError::Gap {
+                    wanted: self.next,
+                    oldest: journal.oldest(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn position(&mut self, journal: &Journal) -> Result<(), CursorError> {
+        let oldest = journal.oldest();
+        if self.next < oldest {
+            return Err(CursorError::Gap {
+                wanted: self.next,
+                oldest,
+            });
+        }
+        let mut found = None;
+        for p in segments(&journal.dir)? {
+            let first = match first_of(&p) {
+                Ok(f) => f,
+                Err(_) => continue,
+            };
+            if first <= self.next {
+                found = Some((p, first));
+            } else {
+                break;
+            }
+        }
+        let Some((p, first)) = found else {
+            return Err(CursorError::Gap {
+                wanted: self.next,
+                oldest,
+            });
+        };
+        let file = File::open(&p)?;
+        // skip the records before `next`
+        let bytes = fs::read(&p)?;
+        let mut pos = SEGMENT_HEADER_LEN;
+        let mut seq = first;
+        while seq < self.next {
+            match decode_record(&bytes[pos..], seq) {
+                Some((_, u)) => {
+                    pos += u;
+                    seq += 1;
+                }
+                None => {
+                    return Err(CursorError::Gap {
+                        wanted: self.next,
+                        oldest,
+                    })
+                }
+            }
+        }
+        self.at = Some((p, file, pos as u64));
+        Ok(())
     }
 }
 
@@ -227,7 +560,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(
-            j.record(RecordKind::Write, 0, 3, b"abc", || Ok(()))
+            j.record(RecordKind::Write, 0, 3, b"abc", |_| Ok(()))
                 .unwrap(),
             1
         );
@@ -239,7 +572,7 @@ mod tests {
         f.write_all(&[1, 0, 0, 0, 9]).unwrap();
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.next_seq(), 3);
-        j.record(RecordKind::Write, 10, 2, b"xy", || Ok(()))
+        j.record(RecordKind::Write, 10, 2, b"xy", |_| Ok(()))
             .unwrap();
         let all = read_all(d.path()).unwrap();
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -250,12 +583,12 @@ mod tests {
     fn an_apply_error_records_nothing_durably_new() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
-        let e = j.record(RecordKind::Write, 0, 1, b"a", || {
+        let e = j.record(RecordKind::Write, 0, 1, b"a", |_| {
             Err(io::Error::from_raw_os_error(28))
         });
         assert!(e.is_err());
         // the failed write's record is overwritten by the next one
-        j.record(RecordKind::Write, 0, 1, b"b", || Ok(())).unwrap();
+        j.record(RecordKind::Write, 0, 1, b"b", |_| Ok(())).unwrap();
         let all = read_all(d.path()).unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].data, b"b");

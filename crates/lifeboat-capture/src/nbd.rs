@@ -27,9 +27,9 @@ pub struct Export {
     pub size: u64,
     pub read_only: bool,
     /// Where writes are captured, in order, before they are acknowledged.
-    pub journal: Option<Journal>,
+    pub journal: Option<std::sync::Arc<Journal>>,
     /// Chunks written since the replica last caught up, kept durably.
-    pub dirty: Option<DirtyMap>,
+    pub dirty: Option<std::sync::Arc<DirtyMap>>,
 }
 
 impl Export {
@@ -272,7 +272,13 @@ fn serve(
         }
         match &export.journal {
             Some(j) => j
-                .record(kind, req.offset, req.len, data, apply)
+                .record(kind, req.offset, req.len, data, |seq| {
+                    apply()?;
+                    if let Some(d) = &export.dirty {
+                        d.note(req.offset, req.len as u64, seq);
+                    }
+                    Ok(())
+                })
                 .map(|_| ())
                 .map_err(err),
             None => apply().map_err(err),

@@ -47,6 +47,8 @@ pub struct CreateOptions {
     pub kind: PointKind,
     pub tags: Vec<String>,
     pub threads: usize,
+    /// The journal sequence the point reflects (replicated points).
+    pub journal_seq: Option<u64>,
 }
 
 impl Default for CreateOptions {
@@ -55,6 +57,7 @@ impl Default for CreateOptions {
             kind: PointKind::CrashConsistent,
             tags: vec![],
             threads: crate::default_threads(),
+            journal_seq: None,
         }
     }
 }
@@ -189,7 +192,7 @@ pub fn create_point(
         parent,
         hostname: lifeboat_store::hostname(),
         chunk_size: vault.chunk_size(),
-        journal_seq: None,
+        journal_seq: opts.journal_seq,
         volumes: entries.clone(),
     };
     lock.check_held()?;

@@ -105,6 +105,47 @@ pub struct Segment<'a> {
     pub torn: bool,
 }
 
+/// Decode the record at the start of `bytes` if it is complete, passes its
+/// check and carries sequence number `expect`; returns it and the bytes it
+/// used. `None` marks the end of the valid records (or a torn tail).
+pub fn decode_record(bytes: &[u8], expect: u64) -> Option<(Record<'_>, usize)> {
+    let h: [u8; RECORD_HEADER_LEN] = bytes.get(..RECORD_HEADER_LEN)?.try_into().ok()?;
+    let kind = RecordKind::from_u8(h[0])?;
+    let len = u32::from_le_bytes(h[4..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    let offset = u64::from_le_bytes(h[16..24].try_into().ok()?);
+    let dlen = if kind == RecordKind::Write { len } else { 0 };
+    if dlen > MAX_RECORD_DATA || seq != expect || offset.checked_add(len as u64).is_none() {
+        return None;
+    }
+    let data = bytes.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + dlen as usize)?;
+    if check(&h, data) != h[24..32] {
+        return None;
+    }
+    Some((
+        Record {
+            kind,
+            seq,
+            offset,
+            len,
+            data,
+        },
+        RECORD_HEADER_LEN + dlen as usize,
+    ))
+}
+
+/// The first sequence number of a segment, from its header.
+///
+/// # Errors
+/// A bad or short header.
+pub fn segment_first_seq(bytes: &[u8]) -> Result<u64, FormatError> {
+    let mut r = Reader::new("journal segment", bytes);
+    r.magic(&JOURNAL_V1)?;
+    r.version(JOURNAL_VERSION)?;
+    r.u32()?;
+    r.u64()
+}
+
 /// Decode a segment.
 ///
 /// # Errors
@@ -121,36 +162,9 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Segment<'_>, FormatError> {
     let mut records = Vec::new();
     let mut pos = SEGMENT_HEADER_LEN;
     let mut expect = first_seq;
-    while pos < bytes.len() {
-        let Some(h) = bytes.get(pos..pos + RECORD_HEADER_LEN) else {
-            break;
-        };
-        let h: [u8; RECORD_HEADER_LEN] = h.try_into().expect("slice of 32");
-        let Some(kind) = RecordKind::from_u8(h[0]) else {
-            break;
-        };
-        let len = u32::from_le_bytes(h[4..8].try_into().expect("4"));
-        let seq = u64::from_le_bytes(h[8..16].try_into().expect("8"));
-        let offset = u64::from_le_bytes(h[16..24].try_into().expect("8"));
-        let dlen = if kind == RecordKind::Write { len } else { 0 };
-        if dlen > MAX_RECORD_DATA || seq != expect || offset.checked_add(len as u64).is_none() {
-            break;
-        }
-        let start = pos + RECORD_HEADER_LEN;
-        let Some(data) = bytes.get(start..start + dlen as usize) else {
-            break;
-        };
-        if check(&h, data) != h[24..32] {
-            break;
-        }
-        records.push(Record {
-            kind,
-            seq,
-            offset,
-            len,
-            data,
-        });
-        pos = start + dlen as usize;
+    while let Some((rec, used)) = decode_record(&bytes[pos..], expect) {
+        records.push(rec);
+        pos += used;
         expect += 1;
     }
     Ok(Segment {

@@ -27,6 +27,7 @@ pub mod magic;
 pub mod manifest;
 pub mod nbd;
 pub mod pack;
+pub mod proto;
 mod wire;
 
 pub use error::FormatError;

@@ -26,6 +26,9 @@ pub const JOURNAL_V1: [u8; 8] = [0x57, 0x72, 0x8b, 0x77, 0x71, 0x49, 0x36, 0x82]
 /// `blake3("lifeboat dirty map v1")[..8]` — the splitter's persistent dirty map.
 pub const DIRTY_MAP_V1: [u8; 8] = [0x1b, 0xc8, 0x40, 0xc8, 0x29, 0x4d, 0xff, 0x36];
 
+/// `blake3("lifeboat replication v1")[..8]` — first frame of a replication stream.
+pub const REPLICATION_V1: [u8; 8] = [0xfe, 0xc9, 0x39, 0x9d, 0xd6, 0xc0, 0xef, 0xe7];
+
 /// Size of every magic.
 pub const MAGIC_LEN: usize = 8;
 
@@ -49,5 +52,6 @@ mod tests {
         assert_eq!(CONFIG_V1, derive("lifeboat vault config v1"));
         assert_eq!(JOURNAL_V1, derive("lifeboat journal segment v1"));
         assert_eq!(DIRTY_MAP_V1, derive("lifeboat dirty map v1"));
+        assert_eq!(REPLICATION_V1, derive("lifeboat replication v1"));
     }
 }

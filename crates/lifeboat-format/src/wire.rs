@@ -48,6 +48,9 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    pub fn u16(&mut self) -> Result<u16, FormatError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
     pub fn u16be(&mut self) -> Result<u16, FormatError> {
         Ok(u16::from_be_bytes(self.array()?))
     }

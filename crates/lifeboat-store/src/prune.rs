@@ -40,6 +40,9 @@ pub struct RetentionPolicy {
     pub keep_yearly: usize,
     /// Points with any of these tags are always kept.
     pub keep_tags: Vec<String>,
+    /// Only points with this tag are considered (others are kept): one
+    /// item's points in a vault shared by several.
+    pub scope_tag: Option<String>,
 }
 
 impl RetentionPolicy {
@@ -69,9 +72,17 @@ pub fn plan_retention(
     points: &[(PointId, u64, Vec<String>)],
     policy: &RetentionPolicy,
 ) -> Vec<PointDecision> {
+    let in_scope = |tags: &Vec<String>| policy.scope_tag.as_ref().is_none_or(|t| tags.contains(t));
+    let mut reasons: HashMap<PointId, Vec<String>> = HashMap::new();
+    for (id, _, tags) in points {
+        if !in_scope(tags) {
+            reasons.entry(*id).or_default().push("out-of-scope".into());
+        }
+    }
     let mut sorted: Vec<_> = points.to_vec();
     sorted.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0))); // newest first
-    let mut reasons: HashMap<PointId, Vec<String>> = HashMap::new();
+    let all = sorted.clone();
+    sorted.retain(|(_, _, tags)| in_scope(tags));
     for (i, (id, _, _)) in sorted.iter().enumerate() {
         if i < policy.keep_last {
             reasons.entry(*id).or_default().push("last".into());
@@ -121,7 +132,7 @@ pub fn plan_retention(
             }
         }
     }
-    let mut out: Vec<_> = sorted
+    let mut out: Vec<_> = all
         .iter()
         .map(|(id, time, _)| {
             let r = reasons.remove(id).unwrap_or_default();
@@ -419,5 +430,22 @@ mod tests {
             ..Default::default()
         };
         assert!(plan_retention(&pts, &p).iter().all(|d| d.keep));
+    }
+
+    #[test]
+    fn a_scope_tag_leaves_other_points_alone() {
+        let pts = vec![
+            (pid(1), 1, vec!["item:a".to_string()]),
+            (pid(2), 2, vec!["item:a".to_string()]),
+            (pid(3), 3, vec!["item:b".to_string()]),
+        ];
+        let p = RetentionPolicy {
+            keep_last: 1,
+            scope_tag: Some("item:a".into()),
+            ..Default::default()
+        };
+        let d = plan_retention(&pts, &p);
+        let kept: Vec<_> = d.iter().filter(|d| d.keep).map(|d| d.time).collect();
+        assert_eq!(kept, vec![2, 3], "{d:?}");
     }
 }

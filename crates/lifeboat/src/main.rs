@@ -41,6 +41,23 @@ enum Cmd {
     /// Export a volume over NBD
     #[command(subcommand)]
     Nbd(cmd::nbd::NbdCmd),
+    /// The recovery site: receive replication, keep hot replicas, cut points, serve the API
+    #[command(subcommand)]
+    Server(cmd::server::ServerCmd),
+    /// The primary site: serve protected volumes and replicate every write
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCmd),
+    /// Protect a volume with a (running) agent
+    #[command(
+        after_help = "Example:\n  lifeboat protect db --volume disk0=/srv/db.img --nbd-socket /run/lifeboat/db.sock --config /etc/lifeboat/agent.toml"
+    )]
+    Protect(cmd::agent::ProtectArgs),
+    /// Stop protecting an item (or one of its volumes)
+    #[command(after_help = "Example:\n  lifeboat unprotect db --config /etc/lifeboat/agent.toml")]
+    Unprotect(cmd::agent::UnprotectArgs),
+    /// Replication health: state, RPO, lag, throughput, last point per volume
+    #[command(after_help = "Example:\n  lifeboat status --api 127.0.0.1:7480 --json")]
+    Status(cmd::status::StatusArgs),
     /// Tools for tests and benchmarks (sample images)
     #[command(subcommand, hide = true)]
     Debug(cmd::debug::DebugCmd),
@@ -64,7 +81,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,lifeboat_server=info,lifeboat_replicate=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -75,6 +92,11 @@ fn main() {
         Cmd::Copy(a) => cmd::copy::run(a),
         Cmd::Demo(a) => cmd::demo::run(a),
         Cmd::Nbd(c) => cmd::nbd::run(c),
+        Cmd::Server(c) => cmd::server::run(c),
+        Cmd::Agent(c) => cmd::agent::run(c),
+        Cmd::Protect(a) => cmd::agent::protect(a),
+        Cmd::Unprotect(a) => cmd::agent::unprotect(a),
+        Cmd::Status(a) => cmd::status::run(a),
         Cmd::Debug(c) => cmd::debug::run(c),
     };
     if let Err(e) = res {

@@ -1,8 +1,11 @@
 //! One module per subcommand.
 
+pub mod agent;
 pub mod copy;
 pub mod debug;
 pub mod demo;
 pub mod nbd;
 pub mod point;
+pub mod server;
+pub mod status;
 pub mod vault;

@@ -58,6 +58,7 @@ pub fn run(c: NbdCmd) -> Result<()> {
     let journal = match &a.journal {
         Some(d) => Some(
             lifeboat_capture::journal::Journal::open(d)
+                .map(Arc::new)
                 .with_context(|| format!("cannot open the journal in {}", d.display()))?,
         ),
         None => None,
@@ -66,6 +67,7 @@ pub fn run(c: NbdCmd) -> Result<()> {
     let dirty = match &a.journal {
         Some(d) => Some(
             lifeboat_capture::dirtymap::DirtyMap::open(&d.join("dirty.map"), 64 << 10, size)
+                .map(Arc::new)
                 .with_context(|| format!("cannot open the dirty map in {}", d.display()))?,
         ),
         None => None,

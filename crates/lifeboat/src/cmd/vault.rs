@@ -192,6 +192,7 @@ pub fn run(c: VaultCmd) -> Result<()> {
                 keep_monthly: a.keep_monthly,
                 keep_yearly: a.keep_yearly,
                 keep_tags: a.keep_tags,
+                scope_tag: None,
             };
             let r = prune(&v, &policy, a.dry_run)?;
             if a.json {

@@ -1,0 +1,483 @@
+//! `lifeboat agent`: the primary site's side.
+//!
+//! Reads `agent.toml` (protected items and their volumes), enrolls with a
+//! server once (credentials in `<state_dir>/tls/`), then for every volume in
+//! `splitter` mode serves it over NBD with a journal and a dirty map
+//! (`<state_dir>/journals/ITEM/VOLUME/`) and ships the journal to the
+//! server. `lifeboat protect`/`unprotect` edit the config; a running agent
+//! picks the change up within two seconds.
+
+use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use lifeboat_capture::dirtymap::DirtyMap;
+use lifeboat_capture::extents::volume_size;
+use lifeboat_capture::journal::Journal;
+use lifeboat_capture::nbd::{serve_listener, Export};
+use lifeboat_format::proto::{Frame, PROTO_VERSION};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::framed::{read_frame, write_frame};
+use crate::shipper::{ship_forever, ShipOptions, ShipStatus, Source};
+use crate::throttle::{parse_rate, parse_size};
+use crate::tls;
+
+/// Chunk size of the dirty map and of resync compares.
+pub const CHUNK_SIZE: u32 = 64 << 10;
+
+pub mod defaults {
+    pub const JOURNAL_MAX: &str = "8GiB";
+    pub const STATE_DIR: &str = "/var/lib/lifeboat/agent";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's name (shown on the server).
+    pub name: String,
+    /// The server's agent address, HOST:PORT.
+    pub server: String,
+    /// Credentials and journals.
+    pub state_dir: PathBuf,
+    /// Limit on the wire, e.g. "80mbit" or "20MiB" (per second).
+    pub bandwidth: Option<String>,
+    /// Outage buffer per volume; beyond it the dirty map takes over.
+    pub journal_max: String,
+    #[serde(rename = "item")]
+    pub items: Vec<ItemConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ItemConfig {
+    pub name: String,
+    #[serde(rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Raw image or block device.
+    pub path: PathBuf,
+    /// `splitter` (every write through the agent's NBD export).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Unix socket of the NBD export.
+    pub nbd_socket: Option<PathBuf>,
+    /// TCP address of the NBD export.
+    pub nbd_listen: Option<String>,
+}
+
+fn default_mode() -> String {
+    "splitter".into()
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            name: hostname(),
+            server: "127.0.0.1:7443".into(),
+            state_dir: PathBuf::from(defaults::STATE_DIR),
+            bandwidth: None,
+            journal_max: defaults::JOURNAL_MAX.into(),
+            items: vec![],
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "agent".into())
+}
+
+impl AgentConfig {
+    /// # Errors
+    /// A missing or invalid file.
+    pub fn load(p: &Path) -> Result<AgentConfig> {
+        let s = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the agent config {}", p.display()))?;
+        let c: AgentConfig = toml::from_str(&s)
+            .with_context(|| format!("{} is not a valid agent config", p.display()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// # Errors
+    /// Bad sizes, rates, modes or duplicate names.
+    pub fn validate(&self) -> Result<()> {
+        parse_size(&self.journal_max).context("journal_max")?;
+        if let Some(b) = &self.bandwidth {
+            parse_rate(b).context("bandwidth")?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for i in &self.items {
+            for v in &i.volumes {
+                if !seen.insert((i.name.clone(), v.name.clone())) {
+                    bail!("volume {}/{} is listed twice", i.name, v.name);
+                }
+                if v.mode != "splitter" {
+                    bail!(
+                        "volume {}/{}: mode {:?} is not supported (use \"splitter\")",
+                        i.name,
+                        v.name,
+                        v.mode
+                    );
+                }
+                if v.nbd_socket.is_none() && v.nbd_listen.is_none() {
+                    bail!(
+                        "volume {}/{}: give nbd_socket or nbd_listen (where the workload reaches the volume)",
+                        i.name,
+                        v.name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write atomically.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save(&self, p: &Path) -> Result<()> {
+        let tmp = p.with_extension("toml.partial");
+        std::fs::write(&tmp, self.to_toml())?;
+        std::fs::rename(&tmp, p)?;
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+/// Credentials of an enrolled agent.
+pub struct Credentials {
+    pub agent_id: String,
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+fn tls_dir(state: &Path) -> PathBuf {
+    state.join("tls")
+}
+
+/// Load the credentials from `state_dir`.
+///
+/// # Errors
+/// Not enrolled yet.
+pub fn credentials(state: &Path) -> Result<Credentials> {
+    let d = tls_dir(state);
+    let rd = |n: &str| {
+        std::fs::read(d.join(n)).with_context(|| {
+            format!(
+                "this agent is not enrolled ({} is missing): run `lifeboat agent enroll` with a token from `lifeboat server token create`",
+                d.join(n).display()
+            )
+        })
+    };
+    Ok(Credentials {
+        agent_id: String::from_utf8_lossy(&rd("agent.id")?).trim().to_string(),
+        ca: rd("ca.crt")?,
+        cert: rd("agent.crt")?,
+        key: rd("agent.key")?,
+    })
+}
+
+/// Enroll with the server at `server` using `token`; stores the credentials.
+///
+/// # Errors
+/// A bad or used token, a server that does not match the token, I/O errors.
+pub async fn enroll(server: &str, token: &str, name: &str, state: &Path) -> Result<String> {
+    let t: tls::Token = token.parse()?;
+    let d = tls_dir(state);
+    if d.join("agent.crt").exists() {
+        bail!(
+            "{} already holds credentials; remove it to enroll again",
+            d.display()
+        );
+    }
+    let s = crate::shipper::connect(server, tls::enroll_config(&t.ca_pin)?).await?;
+    let (mut rd, mut wr) = tokio::io::split(s);
+    write_frame(
+        &mut wr,
+        &Frame::Enroll {
+            version: PROTO_VERSION,
+            token: t.to_string(),
+            agent: name.to_string(),
+        },
+    )
+    .await?;
+    match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd)).await {
+        Ok(Ok(Some(Frame::Enrolled {
+            agent_id,
+            cert_der,
+            key_der,
+            ca_der,
+        }))) => {
+            if tls::fingerprint(&ca_der) != t.ca_pin {
+                bail!("the server sent a CA that does not match the token");
+            }
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join("ca.crt"), &ca_der)?;
+            std::fs::write(d.join("agent.crt"), &cert_der)?;
+            std::fs::write(d.join("agent.id"), &agent_id)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(d.join("agent.key"))?;
+            std::io::Write::write_all(&mut f, &key_der)?;
+            f.sync_all()?;
+            Ok(agent_id)
+        }
+        Ok(Ok(Some(Frame::Error { message, .. }))) => bail!("enrollment refused: {message}"),
+        Ok(Ok(Some(_))) => bail!("unexpected answer from the server"),
+        Ok(Ok(None)) => bail!("the server closed the connection"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!("the server did not answer within 30 s"),
+    }
+}
+
+/// A running protected volume.
+struct Running {
+    cfg: VolumeConfig,
+    status: Arc<ShipStatus>,
+    stop: watch::Sender<bool>,
+    nbd_stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Health of every protected volume, for `agent status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeHealth {
+    pub item: String,
+    pub volume: String,
+    pub state: Option<lifeboat_format::proto::VolumeState>,
+    pub acked_seq: u64,
+    pub rpo_ms: u64,
+    pub sent_bytes: u64,
+    pub resync_bytes: u64,
+    pub error: Option<String>,
+}
+
+fn start_volume(
+    cfg: &AgentConfig,
+    item: &str,
+    v: &VolumeConfig,
+    opts: &ShipOptions,
+) -> Result<Running> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&v.path)
+        .with_context(|| format!("cannot open {}", v.path.display()))?;
+    let size = volume_size(&file)?;
+    let jdir = cfg.state_dir.join("journals").join(item).join(&v.name);
+    let journal =
+        Arc::new(Journal::open(&jdir).with_context(|| format!("journal in {}", jdir.display()))?);
+    let dirty = Arc::new(
+        DirtyMap::open(&jdir.join("dirty.map"), CHUNK_SIZE, size)
+            .with_context(|| format!("dirty map in {}", jdir.display()))?,
+    );
+    let export = Arc::new(Export {
+        name: v.name.clone(),
+        file: file.try_clone()?,
+        size,
+        read_only: false,
+        journal: Some(journal.clone()),
+        dirty: Some(dirty.clone()),
+    });
+    let nbd_stop = Arc::new(AtomicBool::new(false));
+    if let Some(sock) = &v.nbd_socket {
+        let _ = std::fs::remove_file(sock);
+        if let Some(d) = sock.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let l = std::os::unix::net::UnixListener::bind(sock)
+            .with_context(|| format!("cannot listen on {}", sock.display()))?;
+        let (e, s) = (export.clone(), nbd_stop.clone());
+        std::thread::spawn(move || serve_listener(move || l.accept().map(|(s, _)| s), e, s));
+        tracing::info!(
+            "{item}/{}: NBD at nbd+unix:///{}?socket={}",
+            v.name,
+            v.name,
+            sock.display()
+        );
+    }
+    if let Some(addr) = &v.nbd_listen {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let (e, s) = (export.clone(), nbd_stop.clone());
+        tracing::info!(
+            "{item}/{}: NBD at nbd://{}/{}",
+            v.name,
+            l.local_addr()?,
+            v.name
+        );
+        std::thread::spawn(move || {
+            serve_listener(
+                move || {
+                    l.accept().map(|(s, _)| {
+                        let _ = s.set_nodelay(true);
+                        s
+                    })
+                },
+                e,
+                s,
+            )
+        });
+    }
+    let src = Arc::new(Source {
+        item: item.to_string(),
+        volume: v.name.clone(),
+        file: Arc::new(file),
+        size,
+        journal,
+        dirty,
+    });
+    let status = Arc::new(ShipStatus::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(ship_forever(src, opts.clone(), status.clone(), stop_rx));
+    Ok(Running {
+        cfg: v.clone(),
+        status,
+        stop,
+        nbd_stop,
+        task,
+    })
+}
+
+fn stop_volume(r: Running) {
+    let _ = r.stop.send(true);
+    r.nbd_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // unblock the accept loops so they see the flag
+    if let Some(s) = &r.cfg.nbd_socket {
+        let _ = std::os::unix::net::UnixStream::connect(s);
+        let _ = std::fs::remove_file(s);
+    }
+    if let Some(a) = &r.cfg.nbd_listen {
+        let _ = std::net::TcpStream::connect(a);
+    }
+    r.task.abort();
+}
+
+/// Run the agent with the config at `path` until `shutdown` resolves.
+/// `health` is refreshed every second (for status output).
+///
+/// # Errors
+/// A bad config, missing credentials, or a volume that cannot be served.
+pub async fn run(
+    path: PathBuf,
+    health: Arc<std::sync::Mutex<Vec<VolumeHealth>>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut cfg = AgentConfig::load(&path)?;
+    let creds = credentials(&cfg.state_dir)?;
+    let tls_cfg = tls::agent_config(&creds.ca, &creds.cert, &creds.key)?;
+    let opts = |cfg: &AgentConfig| -> Result<ShipOptions> {
+        Ok(ShipOptions {
+            server: cfg.server.clone(),
+            tls: tls_cfg.clone(),
+            bandwidth: cfg.bandwidth.as_deref().map(parse_rate).transpose()?,
+            journal_max: parse_size(&cfg.journal_max)?,
+            batch_max: 4 << 20,
+            window: 64 << 20,
+        })
+    };
+    let mut running: HashMap<(String, String), Running> = HashMap::new();
+    let mut mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut first = true;
+    loop {
+        // (re)concile the running set with the config
+        let want: HashMap<(String, String), VolumeConfig> = cfg
+            .items
+            .iter()
+            .flat_map(|i| {
+                i.volumes
+                    .iter()
+                    .map(move |v| ((i.name.clone(), v.name.clone()), v.clone()))
+            })
+            .collect();
+        let gone: Vec<_> = running
+            .iter()
+            .filter(|(k, r)| want.get(*k) != Some(&r.cfg))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some(r) = running.remove(&k) {
+                tracing::info!("{}/{}: no longer protected", k.0, k.1);
+                stop_volume(r);
+            }
+        }
+        let o = opts(&cfg)?;
+        for (k, v) in &want {
+            if running.contains_key(k) {
+                continue;
+            }
+            match start_volume(&cfg, &k.0, v, &o) {
+                Ok(r) => {
+                    running.insert(k.clone(), r);
+                }
+                Err(e) if first => return Err(e.context(format!("{}/{}", k.0, k.1))),
+                Err(e) => tracing::error!("{}/{}: cannot protect: {e:#}", k.0, k.1),
+            }
+        }
+        first = false;
+        {
+            let mut h = health.lock().unwrap();
+            h.clear();
+            for ((i, v), r) in &running {
+                h.push(VolumeHealth {
+                    item: i.clone(),
+                    volume: v.clone(),
+                    state: r.status.state(),
+                    acked_seq: r.status.acked.load(std::sync::atomic::Ordering::Relaxed),
+                    rpo_ms: r.status.rpo_ms.load(std::sync::atomic::Ordering::Relaxed),
+                    sent_bytes: r
+                        .status
+                        .sent_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    resync_bytes: r
+                        .status
+                        .resync_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    error: r.status.error.lock().unwrap().clone(),
+                });
+            }
+            h.sort_by(|a, b| (&a.item, &a.volume).cmp(&(&b.item, &b.volume)));
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+        }
+        // config changes (protect / unprotect)
+        let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if m != mtime {
+            mtime = m;
+            match AgentConfig::load(&path) {
+                Ok(c) => {
+                    tracing::info!("{}: config changed, reloading", path.display());
+                    cfg = c;
+                }
+                Err(e) => tracing::error!("{e:#}; keeping the previous config"),
+            }
+        }
+    }
+    for (_, r) in running.drain() {
+        stop_volume(r);
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Reading and writing [`Frame`]s on an async byte stream, and batch
+//! (de)compression.
+
+use anyhow::{bail, Context, Result};
+use lifeboat_format::proto::{decode_records, Frame, Rec, MAX_BATCH_RAW};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Read one frame; `Ok(None)` when the peer closed the stream cleanly
+/// between frames.
+///
+/// # Errors
+/// I/O errors, a truncated frame, or bytes that are not a frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>> {
+    let mut p = [0u8; 4];
+    match r.read_exact(&mut p).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let n = Frame::body_len(p)?;
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b)
+        .await
+        .context("the stream ended inside a frame (truncated)")?;
+    Ok(Some(Frame::decode(&b)?))
+}
+
+/// Write one frame and flush it.
+///
+/// # Errors
+/// I/O errors.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<()> {
+    w.write_all(&f.encode()).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// A batch frame of an encoded payload, compressed when that pays.
+pub fn batch(payload: Vec<u8>) -> Frame {
+    let raw_len = payload.len() as u32;
+    if payload.len() >= 512 {
+        if let Ok(c) = zstd::bulk::compress(&payload, 1) {
+            if c.len() < payload.len() - payload.len() / 16 {
+                return Frame::Batch {
+                    codec: 1,
+                    raw_len,
+                    payload: c,
+                };
+            }
+        }
+    }
+    Frame::Batch {
+        codec: 0,
+        raw_len,
+        payload,
+    }
+}
+
+/// The records of a batch frame.
+///
+/// # Errors
+/// A payload that does not decompress to `raw_len` bytes or does not decode.
+pub fn open_batch(codec: u8, raw_len: u32, payload: &[u8]) -> Result<Vec<Rec>> {
+    if raw_len > MAX_BATCH_RAW {
+        bail!("batch too large");
+    }
+    let raw;
+    let bytes = match codec {
+        0 => payload,
+        1 => {
+            raw = zstd::bulk::decompress(payload, raw_len as usize)
+                .context("batch does not decompress")?;
+            &raw[..]
+        }
+        c => bail!("unknown batch codec {c}"),
+    };
+    if bytes.len() != raw_len as usize {
+        bail!("batch is {} bytes, header says {raw_len}", bytes.len());
+    }
+    Ok(decode_records(bytes)?)
+}

@@ -1,0 +1,495 @@
+//! The server's side of one replication stream, without I/O of its own: it
+//! takes frames, applies them through a [`ReplicaIo`] and returns the
+//! frames to send back (the tokio driver in the server does the sockets).
+//!
+//! Invariants:
+//! * records are applied strictly in sequence order; a record at or below
+//!   the applied sequence is a resend after a reconnect and is skipped; a
+//!   record past the next expected one is a gap and ends the stream (the
+//!   agent then resyncs), except inside a resync pass, where the agent said
+//!   which records may be missing;
+//! * an [`Frame::Ack`] is sent only after the replica is synced and the new
+//!   applied sequence persisted, so an acknowledged write survives a crash
+//!   of the server;
+//! * the replica is *consistent* (a valid crash state of the source, fit
+//!   for a recovery point) outside resync passes and after an initial sync.
+
+use std::io;
+
+use lifeboat_format::proto::{code, Frame, RecKind, MAX_HASHES, ZERO_HASH};
+
+use crate::framed::open_batch;
+
+/// What the receiver needs from the replica volume and the state store.
+pub trait ReplicaIo {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Make `[offset, offset+len)` read as zeros.
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// BLAKE3 of chunk `chunk` (`len` bytes), or [`ZERO_HASH`] if all zero.
+    fn chunk_hash(&mut self, offset: u64, len: u64) -> io::Result<[u8; 32]>;
+    /// Make applied data durable.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Persist the stream position (after [`ReplicaIo::sync`]).
+    fn persist(&mut self, st: &StreamState) -> io::Result<()>;
+}
+
+/// The durable position of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamState {
+    pub applied_seq: u64,
+    /// An initial sync against `journal_id` finished.
+    pub synced: bool,
+    /// No resync pass is half done.
+    pub consistent: bool,
+    pub journal_id: [u8; 16],
+}
+
+/// Why a stream is ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("sequence gap: expected {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+    #[error("replica I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ReceiveError {
+    /// The error frame to send before closing.
+    pub fn frame(&self) -> Frame {
+        let code = match self {
+            ReceiveError::Protocol(_) => code::PROTOCOL,
+            ReceiveError::Gap { .. } => code::GAP,
+            ReceiveError::Io(_) => code::IO,
+        };
+        Frame::Error {
+            code,
+            message: self.to_string(),
+        }
+    }
+}
+
+/// Counters of what a stream did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReceiveStats {
+    pub records: u64,
+    pub bytes_written: u64,
+    pub resync_chunks_compared: u64,
+    pub resync_chunks_received: u64,
+    pub resync_bytes_received: u64,
+}
+
+pub struct Receiver {
+    st: StreamState,
+    size: u64,
+    chunk_size: u64,
+    /// Inside a resync pass that ends at this sequence.
+    resync: Option<u64>,
+    /// Chunks the last Want asked for (only those may come as Chunk records).
+    wanted: std::collections::HashSet<u64>,
+    pub stats: ReceiveStats,
+}
+
+impl Receiver {
+    /// A receiver for a volume of `size` bytes whose stored position is
+    /// `st`; `journal_id` is the agent's. Returns it and the Welcome frame.
+    pub fn new(
+        mut st: StreamState,
+        size: u64,
+        chunk_size: u32,
+        journal_id: [u8; 16],
+    ) -> (Receiver, Frame) {
+        if st.journal_id != journal_id {
+            // another journal: its sequence numbers mean nothing here, and
+            // only a full compare by hash can tell what differs
+            st = StreamState {
+                applied_seq: 0,
+                synced: false,
+                consistent: st.consistent,
+                journal_id,
+            };
+        }
+        let welcome = Frame::Welcome {
+            applied_seq: st.applied_seq,
+            synced: st.synced,
+        };
+        (
+            Receiver {
+                st,
+                size,
+                chunk_size: chunk_size as u64,
+                resync: None,
+                wanted: Default::default(),
+                stats: ReceiveStats::default(),
+            },
+            welcome,
+        )
+    }
+
+    pub fn state(&self) -> &StreamState {
+        &self.st
+    }
+
+    /// Whether the replica is a valid crash state now (a point may be cut).
+    pub fn consistent(&self) -> bool {
+        self.st.synced && self.st.consistent && self.resync.is_none()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(ReceiveError::Protocol(format!(
+                "record {offset}+{len} is past the end of the volume ({})",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, io: &mut dyn ReplicaIo, resync_done: bool) -> Result<Frame, ReceiveError> {
+        io.sync()?;
+        io.persist(&self.st)?;
+        Ok(Frame::Ack {
+            seq: self.st.applied_seq,
+            resync_done,
+        })
+    }
+
+    /// Handle one frame from the agent; returns the frames to send back.
+    ///
+    /// # Errors
+    /// A protocol violation, a sequence gap or replica I/O errors: send
+    /// [`ReceiveError::frame`] and close the stream.
+    pub fn on_frame(
+        &mut self,
+        f: Frame,
+        io: &mut dyn ReplicaIo,
+    ) -> Result<Vec<Frame>, ReceiveError> {
+        match f {
+            Frame::Batch {
+                codec,
+                raw_len,
+                payload,
+            } => {
+                let recs = open_batch(codec, raw_len, &payload)
+                    .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+                for r in recs {
+                    if r.kind == RecKind::Chunk {
+                        let c = r.offset / self.chunk_size.max(1);
+                        if self.resync.is_none()
+                            || r.offset % self.chunk_size != 0
+                            || !self.wanted.remove(&c)
+                        {
+                            return Err(ReceiveError::Protocol(format!(
+                                "chunk at {} was not asked for",
+                                r.offset
+                            )));
+                        }
+                        self.check_range(r.offset, r.len as u64)?;
+                        io.write_at(r.offset, &r.data)?;
+                        self.stats.resync_chunks_received += 1;
+                        self.stats.resync_bytes_received += r.len as u64;
+                        continue;
+                    }
+                    let expected = self.st.applied_seq + 1;
+                    if r.seq < expected {
+                        continue; // a resend after a reconnect
+                    }
+                    if r.seq > expected {
+                        let allowed = self.resync.is_some_and(|x| r.seq < x);
+                        if !allowed {
+                            return Err(ReceiveError::Gap {
+                                expected,
+                                got: r.seq,
+                            });
+                        }
+                    }
+                    match r.kind {
+                        RecKind::Write => {
+                            self.check_range(r.offset, r.len as u64)?;
+                            io.write_at(r.offset, &r.data)?;
+                            self.stats.bytes_written += r.len as u64;
+                        }
+                        RecKind::Zero | RecKind::Trim => {
+                            self.check_range(r.offset, r.len as u64)?;
+                            io.zero(r.offset, r.len as u64)?;
+                        }
+                        RecKind::Barrier | RecKind::Chunk => {}
+                    }
+                    self.stats.records += 1;
+                    self.st.applied_seq = r.seq;
+                }
+                Ok(vec![self.ack(io, false)?])
+            }
+            Frame::ResyncBegin { x, full } => {
+                if self.resync.is_some() {
+                    return Err(ReceiveError::Protocol("resync pass already open".into()));
+                }
+                if x <= self.st.applied_seq && self.st.synced {
+                    return Err(ReceiveError::Protocol(format!(
+                        "resync to {x} is behind the replica ({})",
+                        self.st.applied_seq
+                    )));
+                }
+                if !full && !self.st.synced {
+                    return Err(ReceiveError::Protocol(
+                        "the replica needs a full sync first".into(),
+                    ));
+                }
+                self.resync = Some(x);
+                self.st.consistent = false;
+                io.persist(&self.st)?;
+                Ok(vec![])
+            }
+            Frame::Hashes { chunks } => {
+                if self.resync.is_none() {
+                    return Err(ReceiveError::Protocol(
+                        "hashes outside a resync pass".into(),
+                    ));
+                }
+                if chunks.len() > MAX_HASHES {
+                    return Err(ReceiveError::Protocol("too many hashes".into()));
+                }
+                let mut want = Vec::new();
+                for (c, h) in chunks {
+                    let off = c.saturating_mul(self.chunk_size);
+                    if off >= self.size {
+                        return Err(ReceiveError::Protocol(format!("chunk {c} is past the end")));
+                    }
+                    let len = self.chunk_size.min(self.size - off);
+                    let mine = io.chunk_hash(off, len)?;
+                    self.stats.resync_chunks_compared += 1;
+                    if mine == h {
+                        continue;
+                    }
+                    if h == ZERO_HASH {
+                        io.zero(off, len)?;
+                    } else {
+                        want.push(c);
+                        self.wanted.insert(c);
+                    }
+                }
+                Ok(vec![Frame::Want { chunks: want }])
+            }
+            Frame::ResyncEnd { x } => {
+                let Some(open) = self.resync.take() else {
+                    return Err(ReceiveError::Protocol("resync end without a begin".into()));
+                };
+                if x != open || !self.wanted.is_empty() {
+                    return Err(ReceiveError::Protocol(format!(
+                        "resync end {x} does not close the pass to {open} ({} chunks still wanted)",
+                        self.wanted.len()
+                    )));
+                }
+                self.st.applied_seq = x - 1;
+                self.st.synced = true;
+                self.st.consistent = true;
+                Ok(vec![self.ack(io, true)?])
+            }
+            Frame::Ping { t } => Ok(vec![Frame::Pong { t }]),
+            Frame::Status { .. } | Frame::Pong { .. } => Ok(vec![]),
+            Frame::Error { code, message } => Err(ReceiveError::Protocol(format!(
+                "the agent ended the stream (code {code}): {message}"
+            ))),
+            other => Err(ReceiveError::Protocol(format!(
+                "unexpected frame in a replication stream: {}",
+                frame_name(&other)
+            ))),
+        }
+    }
+}
+
+/// A short name of a frame for messages.
+pub fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Enroll { .. } => "enroll",
+        Frame::Enrolled { .. } => "enrolled",
+        Frame::Batch { .. } => "batch",
+        Frame::ResyncBegin { .. } => "resync-begin",
+        Frame::Hashes { .. } => "hashes",
+        Frame::Want { .. } => "want",
+        Frame::ResyncEnd { .. } => "resync-end",
+        Frame::Ack { .. } => "ack",
+        Frame::Status { .. } => "status",
+        Frame::Ping { .. } => "ping",
+        Frame::Pong { .. } => "pong",
+        Frame::Error { .. } => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framed::batch;
+    use lifeboat_format::proto::{encode_records, Rec};
+
+    /// An in-memory replica that counts syncs and persists.
+    struct Mem {
+        data: Vec<u8>,
+        persisted: Option<StreamState>,
+        syncs: u32,
+    }
+    impl ReplicaIo for Mem {
+        fn write_at(&mut self, o: u64, d: &[u8]) -> io::Result<()> {
+            self.data[o as usize..o as usize + d.len()].copy_from_slice(d);
+            Ok(())
+        }
+        fn zero(&mut self, o: u64, l: u64) -> io::Result<()> {
+            self.data[o as usize..(o + l) as usize].fill(0);
+            Ok(())
+        }
+        fn chunk_hash(&mut self, o: u64, l: u64) -> io::Result<[u8; 32]> {
+            let b = &self.data[o as usize..(o + l) as usize];
+            Ok(if b.iter().all(|x| *x == 0) {
+                ZERO_HASH
+            } else {
+                *blake3::hash(b).as_bytes()
+            })
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.syncs += 1;
+            Ok(())
+        }
+        fn persist(&mut self, st: &StreamState) -> io::Result<()> {
+            self.persisted = Some(st.clone());
+            Ok(())
+        }
+    }
+
+    fn w(seq: u64, off: u64, d: &[u8]) -> Rec {
+        Rec {
+            kind: RecKind::Write,
+            seq,
+            offset: off,
+            len: d.len() as u32,
+            data: d.to_vec(),
+        }
+    }
+
+    fn fresh() -> StreamState {
+        StreamState {
+            applied_seq: 0,
+            synced: false,
+            consistent: true,
+            journal_id: [0; 16],
+        }
+    }
+
+    #[test]
+    fn initial_sync_then_records_in_order_with_resends_skipped() {
+        let mut io = Mem {
+            data: vec![0; 8192],
+            persisted: None,
+            syncs: 0,
+        };
+        io.data[5000] = 9; // the replica holds stale data the source lacks
+        let (mut r, welcome) = Receiver::new(fresh(), 8192, 4096, [1; 16]);
+        assert_eq!(
+            welcome,
+            Frame::Welcome {
+                applied_seq: 0,
+                synced: false
+            }
+        );
+        assert!(r
+            .on_frame(Frame::ResyncBegin { x: 1, full: false }, &mut io)
+            .is_err());
+        let mut r = Receiver::new(fresh(), 8192, 4096, [1; 16]).0;
+        r.on_frame(Frame::ResyncBegin { x: 3, full: true }, &mut io)
+            .unwrap();
+        assert!(!r.consistent());
+        let source_c0 = [7u8; 4096];
+        let out = r
+            .on_frame(
+                Frame::Hashes {
+                    chunks: vec![(0, *blake3::hash(&source_c0).as_bytes()), (1, ZERO_HASH)],
+                },
+                &mut io,
+            )
+            .unwrap();
+        assert_eq!(out, vec![Frame::Want { chunks: vec![0] }]);
+        assert_eq!(io.data[5000], 0, "a zero chunk is zeroed without transfer");
+        let chunk = Rec {
+            kind: RecKind::Chunk,
+            seq: 0,
+            offset: 0,
+            len: 4096,
+            data: source_c0.to_vec(),
+        };
+        r.on_frame(batch(encode_records(std::slice::from_ref(&chunk))), &mut io)
+            .unwrap();
+        // a chunk nobody asked for is a protocol error
+        assert!(r
+            .on_frame(batch(encode_records(&[chunk])), &mut io)
+            .is_err());
+        let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16]).0;
+        assert!(!r2.consistent(), "a half-done pass is not consistent");
+        // the real stream goes on
+        let out = r.on_frame(Frame::ResyncEnd { x: 3 }, &mut io).unwrap();
+        assert_eq!(
+            out,
+            vec![Frame::Ack {
+                seq: 2,
+                resync_done: true
+            }]
+        );
+        assert!(r.consistent());
+        let out = r
+            .on_frame(
+                batch(encode_records(&[w(2, 0, b"old"), w(3, 10, b"abc")])),
+                &mut io,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![Frame::Ack {
+                seq: 3,
+                resync_done: false
+            }]
+        );
+        assert_eq!(&io.data[10..13], b"abc");
+        assert_eq!(io.data[0], 7, "seq 2 was a resend and skipped");
+        let e = r
+            .on_frame(batch(encode_records(&[w(5, 0, b"x")])), &mut io)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ReceiveError::Gap {
+                expected: 4,
+                got: 5
+            }
+        ));
+        let e = r2
+            .on_frame(batch(encode_records(&[w(1, 8190, b"xyz")])), &mut io)
+            .unwrap_err();
+        assert!(matches!(e, ReceiveError::Protocol(_)), "{e}");
+    }
+
+    #[test]
+    fn another_journal_means_a_full_sync() {
+        let st = StreamState {
+            applied_seq: 50,
+            synced: true,
+            consistent: true,
+            journal_id: [1; 16],
+        };
+        let (_, w1) = Receiver::new(st.clone(), 10, 4096, [1; 16]);
+        assert_eq!(
+            w1,
+            Frame::Welcome {
+                applied_seq: 50,
+                synced: true
+            }
+        );
+        let (_, w2) = Receiver::new(st, 10, 4096, [2; 16]);
+        assert_eq!(
+            w2,
+            Frame::Welcome {
+                applied_seq: 0,
+                synced: false
+            }
+        );
+    }
+}

@@ -1,0 +1,561 @@
+//! The agent's side of one replication stream: ships a volume's journal to
+//! the server, in order, and closes gaps with resync passes compared by hash.
+//!
+//! A stream (re)starts with Hello/Welcome: the server says up to which
+//! sequence it holds the journal and whether its replica finished an initial
+//! sync. Then:
+//! * no initial sync yet (or another journal): a *full* pass compares every
+//!   chunk by hash; only chunks that differ travel (offline seeding works
+//!   the same way: a replica restored from elsewhere sends little);
+//! * the journal no longer holds the next record (it overflowed and was
+//!   dropped), or the dirty map has chunks pending after a restart: a
+//!   *dirty* pass over those chunks only;
+//! * otherwise records go out from the first one the server lacks.
+//!
+//! A pass at `x` (the next journal sequence when it starts) first ships the
+//! records below `x` the journal still holds, then the chunks (read now, so
+//! they include every write below `x`), then `ResyncEnd{x}`; records from
+//! `x` on follow. Replaying records from `x` over a chunk read later is
+//! harmless: the last write to each byte wins, as on the source.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lifeboat_capture::dirtymap::DirtyMap;
+use lifeboat_capture::journal::{Cursor, CursorError, Journal};
+use lifeboat_format::proto::{
+    encode_record_into, Frame, RecKind, VolumeState, MAX_HASHES, PROTO_VERSION, ZERO_HASH,
+};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncWrite, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::framed::{batch, read_frame};
+use crate::throttle::Throttle;
+
+/// One volume to ship.
+pub struct Source {
+    pub item: String,
+    pub volume: String,
+    pub file: Arc<File>,
+    pub size: u64,
+    pub journal: Arc<Journal>,
+    pub dirty: Arc<DirtyMap>,
+}
+
+#[derive(Clone)]
+pub struct ShipOptions {
+    pub server: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Bytes per second on the wire (None: unlimited).
+    pub bandwidth: Option<u64>,
+    /// Journal bytes beyond which it is dropped and the dirty map takes over.
+    pub journal_max: u64,
+    /// Data bytes per batch.
+    pub batch_max: usize,
+    /// Unacknowledged bytes in flight before waiting (backpressure).
+    pub window: u64,
+}
+
+/// Live health of a shipped volume (read by `agent status` and sent to the
+/// server every second).
+#[derive(Debug, Default)]
+pub struct ShipStatus {
+    pub state: Mutex<Option<VolumeState>>,
+    pub error: Mutex<Option<String>>,
+    pub acked: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub resync_bytes: AtomicU64,
+    pub resync_chunks_sent: AtomicU64,
+    pub resync_chunks_compared: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub rpo_ms: AtomicU64,
+    pub passes: AtomicU64,
+    pub connects: AtomicU64,
+}
+
+impl ShipStatus {
+    fn set_state(&self, s: VolumeState) {
+        *self.state.lock().unwrap() = Some(s);
+    }
+    pub fn state(&self) -> Option<VolumeState> {
+        *self.state.lock().unwrap()
+    }
+}
+
+/// Ship `src` to the server until `stop` turns true, reconnecting after
+/// errors (with backoff).
+pub async fn ship_forever(
+    src: Arc<Source>,
+    opts: ShipOptions,
+    status: Arc<ShipStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let r = tokio::select! {
+            r = ship_once(&src, &opts, &status) => r,
+            _ = stop.changed() => return,
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!("{}/{}: replication stream: {msg}", src.item, src.volume);
+                *status.error.lock().unwrap() = Some(msg);
+                src.dirty.pass_end(false);
+                status.set_state(VolumeState::Error);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Open a TLS connection to the server.
+///
+/// # Errors
+/// Connection or handshake errors.
+pub async fn connect(server: &str, tls: Arc<rustls::ClientConfig>) -> Result<TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(server))
+        .await
+        .map_err(|_| anyhow!("connecting to {server} timed out"))?
+        .with_context(|| format!("cannot connect to {server}"))?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(crate::tls::SERVER_NAME)?;
+    let s = tokio::time::timeout(
+        Duration::from_secs(10),
+        TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake with {server} timed out"))?
+    .with_context(|| format!("TLS handshake with {server} failed"))?;
+    Ok(s)
+}
+
+/// Events from the reading half.
+enum Event {
+    Want(Vec<u64>),
+    ResyncAcked,
+}
+
+struct Writer<W> {
+    w: W,
+    throttle: Throttle,
+    status: Arc<ShipStatus>,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    async fn send(&mut self, f: &Frame) -> Result<()> {
+        let e = f.encode();
+        self.throttle.take(e.len() as u64).await;
+        self.status
+            .sent_bytes
+            .fetch_add(e.len() as u64, Ordering::Relaxed);
+        tokio::io::AsyncWriteExt::write_all(&mut self.w, &e).await?;
+        tokio::io::AsyncWriteExt::flush(&mut self.w).await?;
+        Ok(())
+    }
+}
+
+fn kind_of(s: &str) -> RecKind {
+    match s {
+        "write" => RecKind::Write,
+        "zero" => RecKind::Zero,
+        "trim" => RecKind::Trim,
+        _ => RecKind::Barrier,
+    }
+}
+
+/// One connection's life.
+async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatus>) -> Result<()> {
+    let s = connect(&opts.server, opts.tls.clone()).await?;
+    let (mut rd, wr) = tokio::io::split(s);
+    let mut w: Writer<WriteHalf<TlsStream<TcpStream>>> = Writer {
+        w: wr,
+        throttle: Throttle::new(opts.bandwidth),
+        status: status.clone(),
+    };
+    w.send(&Frame::Hello {
+        version: PROTO_VERSION,
+        item: src.item.clone(),
+        volume: src.volume.clone(),
+        size: src.size,
+        chunk_size: src.dirty.chunk_size(),
+        journal_id: src.journal.id(),
+    })
+    .await?;
+    let (applied, synced) = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
+        .await
+        .map_err(|_| anyhow!("the server did not answer the hello"))??
+    {
+        Some(Frame::Welcome {
+            applied_seq,
+            synced,
+        }) => (applied_seq, synced),
+        Some(Frame::Error { message, .. }) => bail!("the server refused the stream: {message}"),
+        Some(f) => bail!(
+            "unexpected {} from the server",
+            crate::receiver::frame_name(&f)
+        ),
+        None => bail!("the server closed the connection"),
+    };
+    status.connects.fetch_add(1, Ordering::Relaxed);
+    *status.error.lock().unwrap() = None;
+    status.acked.store(applied, Ordering::Relaxed);
+    tracing::info!(
+        "{}/{}: connected; server holds seq {applied}, synced {synced}",
+        src.item,
+        src.volume
+    );
+
+    // The reading half: acknowledgements, wants, errors.
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4);
+    let (ack_tx, mut ack_rx) = watch::channel(applied);
+    let rsrc = src.clone();
+    let rstatus = status.clone();
+    let mut reader = tokio::spawn(async move {
+        let mut last_clear = Instant::now() - Duration::from_secs(10);
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
+                .await
+                .map_err(|_| anyhow!("the server has been silent for 30 s"))??;
+            match f {
+                Some(Frame::Ack { seq, resync_done }) => {
+                    rstatus.acked.store(seq, Ordering::Relaxed);
+                    let _ = ack_tx.send(seq);
+                    if resync_done {
+                        rsrc.dirty.pass_end(true);
+                        let _ = ev_tx.send(Event::ResyncAcked).await;
+                    }
+                    let (j, d) = (rsrc.journal.clone(), rsrc.dirty.clone());
+                    let clear = last_clear.elapsed() > Duration::from_millis(500);
+                    if clear {
+                        last_clear = Instant::now();
+                    }
+                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                        j.trim(seq)?;
+                        if clear {
+                            d.clear_acked(seq)?;
+                        }
+                        Ok(())
+                    })
+                    .await??;
+                }
+                Some(Frame::Want { chunks }) => {
+                    let _ = ev_tx.send(Event::Want(chunks)).await;
+                }
+                Some(Frame::Pong { .. }) => {}
+                Some(Frame::Error { message, .. }) => {
+                    bail!("the server ended the stream: {message}")
+                }
+                Some(f) => bail!(
+                    "unexpected {} from the server",
+                    crate::receiver::frame_name(&f)
+                ),
+                None => bail!("the server closed the connection"),
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    });
+
+    let mut need_full = !synced;
+    let mut cursor = Cursor::new(applied + 1);
+    let mut sent_seq = applied;
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    let started = Instant::now();
+    let mut pass_started: Option<Instant> = None;
+    let result: Result<()> = async {
+        loop {
+            // a gap (dropped journal), pending dirty chunks, or no initial sync: a pass
+            let gap = src.journal.oldest() > cursor.next_seq();
+            if need_full || gap || src.dirty.pending() > 0 {
+                status.set_state(if need_full {
+                    VolumeState::InitialSync
+                } else {
+                    VolumeState::Resyncing
+                });
+                pass_started.get_or_insert_with(Instant::now);
+                run_pass(src, opts, status, &mut w, &mut ev_rx, &mut cursor, need_full, &mut ack_rx)
+                    .await?;
+                need_full = false;
+                pass_started = None;
+                sent_seq = cursor.next_seq() - 1;
+                continue;
+            }
+            status.set_state(VolumeState::Protected);
+            // overflow: drop the journal; the dirty map bounds the resync
+            let acked = *ack_rx.borrow();
+            if src.journal.bytes() > opts.journal_max {
+                let (j, d) = (src.journal.clone(), src.dirty.clone());
+                let x = tokio::task::spawn_blocking(move || {
+                    j.drop_unshipped(|_| d.flag_unacked(acked).map(|_| ()))
+                })
+                .await??;
+                tracing::warn!(
+                    "{}/{}: journal over {} bytes: dropped; resyncing from the dirty map (next seq {x})",
+                    src.item,
+                    src.volume,
+                    opts.journal_max
+                );
+                continue;
+            }
+            // backpressure: wait while too much is unacknowledged
+            let in_flight = status.in_flight.load(Ordering::Relaxed);
+            if in_flight > opts.window {
+                ack_rx.changed().await.map_err(|_| anyhow!("the connection ended"))?;
+            }
+            let j = src.journal.clone();
+            let mut c = std::mem::replace(&mut cursor, Cursor::new(0));
+            let max = opts.batch_max;
+            let (c, recs) = tokio::task::spawn_blocking(move || {
+                let r = c.read(&j, max);
+                (c, r)
+            })
+            .await?;
+            cursor = c;
+            let recs = match recs {
+                Ok(r) => r,
+                Err(CursorError::Gap { .. }) => continue,
+                Err(CursorError::Io(e)) => return Err(e).context("reading the journal"),
+            };
+            // health, every second
+            if last_status.elapsed() >= Duration::from_secs(1) {
+                last_status = Instant::now();
+                update_rpo(src, status, started, pass_started);
+                send_status(&mut w, src, status).await?;
+            }
+            if recs.is_empty() {
+                let acked = *ack_rx.borrow();
+                status.in_flight.store(
+                    if sent_seq > acked { status.in_flight.load(Ordering::Relaxed) } else { 0 },
+                    Ordering::Relaxed,
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    r = &mut reader => return Err(match r { Ok(Err(e)) => e, Ok(Ok(())) => anyhow!("reader ended"), Err(e) => e.into() }),
+                }
+                continue;
+            }
+            let mut payload = Vec::with_capacity(recs.iter().map(|r| 21 + r.data.len()).sum());
+            for r in &recs {
+                encode_record_into(&mut payload, kind_of(&r.kind), r.seq, r.offset, r.len, &r.data);
+            }
+            sent_seq = recs.last().map(|r| r.seq).unwrap_or(sent_seq);
+            status
+                .in_flight
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            w.send(&batch(payload)).await?;
+            if *ack_rx.borrow() >= sent_seq {
+                status.in_flight.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+    .await;
+    reader.abort();
+    result
+}
+
+fn update_rpo(src: &Source, status: &ShipStatus, started: Instant, pass_started: Option<Instant>) {
+    let acked = status.acked.load(Ordering::Relaxed);
+    let committed = src.journal.committed();
+    let rpo = if let Some(p) = pass_started {
+        p.elapsed()
+    } else if committed > acked {
+        src.journal
+            .oldest_unacked_time(acked)
+            .map(|t| t.elapsed())
+            .unwrap_or_else(|| started.elapsed())
+    } else {
+        Duration::ZERO
+    };
+    status
+        .rpo_ms
+        .store(rpo.as_millis() as u64, Ordering::Relaxed);
+}
+
+async fn send_status<W: AsyncWrite + Unpin>(
+    w: &mut Writer<W>,
+    src: &Source,
+    status: &ShipStatus,
+) -> Result<()> {
+    let f = Frame::Status {
+        state: status.state().unwrap_or(VolumeState::Protected),
+        rpo_ms: status.rpo_ms.load(Ordering::Relaxed),
+        lag_bytes: status.in_flight.load(Ordering::Relaxed),
+        journal_bytes: src.journal.bytes(),
+        sent_bytes: status.sent_bytes.load(Ordering::Relaxed),
+        resync_bytes: status.resync_bytes.load(Ordering::Relaxed),
+    };
+    w.send(&f).await
+}
+
+/// A chunk read for a resync: number, bytes (empty for a hole), hash.
+type ReadChunk = (u64, Vec<u8>, [u8; 32]);
+
+/// Hash of a chunk's bytes, [`ZERO_HASH`] when all zero.
+pub fn chunk_hash(b: &[u8]) -> [u8; 32] {
+    if b.iter().all(|x| *x == 0) {
+        ZERO_HASH
+    } else {
+        *blake3::hash(b).as_bytes()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_pass<W: AsyncWrite + Unpin>(
+    src: &Arc<Source>,
+    opts: &ShipOptions,
+    status: &Arc<ShipStatus>,
+    w: &mut Writer<W>,
+    ev: &mut mpsc::Receiver<Event>,
+    cursor: &mut Cursor,
+    full: bool,
+    ack_rx: &mut watch::Receiver<u64>,
+) -> Result<()> {
+    let x = src.journal.committed() + 1;
+    w.send(&Frame::ResyncBegin { x, full }).await?;
+    // the records below x the journal still holds
+    if cursor.next_seq() < src.journal.oldest() {
+        *cursor = Cursor::new(src.journal.oldest());
+    }
+    while cursor.next_seq() < x {
+        let j = src.journal.clone();
+        let mut c = std::mem::replace(cursor, Cursor::new(0));
+        let (c, recs) = tokio::task::spawn_blocking(move || {
+            let r = c.read(&j, 4 << 20);
+            (c, r)
+        })
+        .await?;
+        *cursor = c;
+        let recs = match recs {
+            Ok(r) => r,
+            Err(CursorError::Gap { .. }) => {
+                // dropped meanwhile: those chunks are flagged for this or the next pass
+                *cursor = Cursor::new(x.max(src.journal.oldest()));
+                break;
+            }
+            Err(CursorError::Io(e)) => return Err(e.into()),
+        };
+        let mut payload = Vec::new();
+        for r in recs.iter().filter(|r| r.seq < x) {
+            encode_record_into(
+                &mut payload,
+                kind_of(&r.kind),
+                r.seq,
+                r.offset,
+                r.len,
+                &r.data,
+            );
+        }
+        if recs.iter().any(|r| r.seq >= x) || recs.is_empty() {
+            // read past x: start again at x after the pass
+            if !payload.is_empty() {
+                w.send(&batch(payload)).await?;
+            }
+            break;
+        }
+        w.send(&batch(payload)).await?;
+    }
+    *cursor = Cursor::new(x);
+    if full {
+        src.dirty.flag_all();
+    }
+    let chunks = src.dirty.pass_begin();
+    let cs = src.dirty.chunk_size() as u64;
+    let extents = {
+        let f = src.file.clone();
+        let size = src.size;
+        tokio::task::spawn_blocking(move || lifeboat_capture::extents::data_extents(&f, size))
+            .await??
+    };
+    let in_data = |c: u64| {
+        let (s, e) = (c * cs, ((c + 1) * cs).min(src.size));
+        extents.iter().any(|r| r.start < e && r.end > s)
+    };
+    for group in chunks.chunks(MAX_HASHES.min(512)) {
+        // read and hash (data chunks only; holes hash as zero unread)
+        let f = src.file.clone();
+        let size = src.size;
+        let todo: Vec<(u64, bool)> = group.iter().map(|c| (*c, in_data(*c))).collect();
+        let read = tokio::task::spawn_blocking(
+            move || -> std::io::Result<Vec<ReadChunk>> {
+                let mut out = Vec::with_capacity(todo.len());
+                for (c, data) in todo {
+                    let off = c * cs;
+                    let len = cs.min(size - off) as usize;
+                    if !data {
+                        out.push((c, Vec::new(), ZERO_HASH));
+                        continue;
+                    }
+                    let mut b = vec![0u8; len];
+                    f.read_exact_at(&mut b, off)?;
+                    let h = chunk_hash(&b);
+                    out.push((c, b, h));
+                }
+                Ok(out)
+            },
+        )
+        .await??;
+        status
+            .resync_chunks_compared
+            .fetch_add(read.len() as u64, Ordering::Relaxed);
+        w.send(&Frame::Hashes {
+            chunks: read.iter().map(|(c, _, h)| (*c, *h)).collect(),
+        })
+        .await?;
+        let want = match tokio::time::timeout(Duration::from_secs(120), ev.recv()).await {
+            Ok(Some(Event::Want(w))) => w,
+            Ok(Some(Event::ResyncAcked)) => bail!("unexpected resync acknowledgement"),
+            Ok(None) => bail!("the connection ended during a resync"),
+            Err(_) => bail!("the server did not answer hashes within 120 s"),
+        };
+        let mut payload = Vec::new();
+        let mut nbytes = 0u64;
+        for (c, b, _) in &read {
+            if want.contains(c) {
+                encode_record_into(&mut payload, RecKind::Chunk, 0, c * cs, b.len() as u32, b);
+                nbytes += b.len() as u64;
+                status.resync_chunks_sent.fetch_add(1, Ordering::Relaxed);
+                if payload.len() >= opts.batch_max {
+                    w.send(&batch(std::mem::take(&mut payload))).await?;
+                }
+            }
+        }
+        if !payload.is_empty() {
+            w.send(&batch(payload)).await?;
+        }
+        status.resync_bytes.fetch_add(nbytes, Ordering::Relaxed);
+    }
+    w.send(&Frame::ResyncEnd { x }).await?;
+    match tokio::time::timeout(Duration::from_secs(120), ev.recv()).await {
+        Ok(Some(Event::ResyncAcked)) => {}
+        Ok(Some(Event::Want(_))) => bail!("unexpected want"),
+        Ok(None) => bail!("the connection ended during a resync"),
+        Err(_) => bail!("the server did not acknowledge the resync within 120 s"),
+    }
+    let _ = ack_rx.borrow_and_update();
+    status.passes.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        "{}/{}: resync pass to seq {x} done ({} chunks compared, {} sent so far)",
+        src.item,
+        src.volume,
+        chunks.len(),
+        status.resync_chunks_sent.load(Ordering::Relaxed)
+    );
+    Ok(())
+}

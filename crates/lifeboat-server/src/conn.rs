@@ -1,0 +1,400 @@
+//! One agent connection: enrollment, or a replication stream of one volume.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use lifeboat_format::proto::{code, Frame, PROTO_VERSION};
+use lifeboat_replicate::framed::{read_frame, write_frame};
+use lifeboat_replicate::receiver::{frame_name, Receiver};
+use lifeboat_replicate::tls::{fingerprint, Token};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::replica::{Io, Replica};
+use crate::{AgentReport, LiveVolume, State};
+
+fn err(code: u16, message: impl Into<String>) -> Frame {
+    Frame::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !s.starts_with('.')
+}
+
+pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Result<()> {
+    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(s))
+        .await
+        .map_err(|_| anyhow!("TLS handshake timed out"))??;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| fingerprint(c));
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let first = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd)).await {
+        Err(_) => bail!("no first frame within 30 s"),
+        Ok(Err(e)) => {
+            let _ = write_frame(&mut wr, &err(code::PROTOCOL, format!("{e:#}"))).await;
+            bail!("refused: {e:#}");
+        }
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(f))) => f,
+    };
+    match first {
+        Frame::Enroll { token, agent, .. } => {
+            let reply = enroll(&st, &token, &agent, peer.is_some()).await;
+            let refused = matches!(reply, Frame::Error { .. });
+            if let Frame::Error { message, .. } = &reply {
+                tracing::warn!("enrollment of {agent:?} refused: {message}");
+            }
+            write_frame(&mut wr, &reply).await?;
+            if refused {
+                bail!("enrollment refused");
+            }
+            Ok(())
+        }
+        Frame::Hello {
+            version,
+            item,
+            volume,
+            size,
+            chunk_size,
+            journal_id,
+        } => {
+            let Some(fp) = peer else {
+                write_frame(
+                    &mut wr,
+                    &err(
+                        code::UNAUTHENTICATED,
+                        "no client certificate: enroll this agent first (lifeboat agent enroll)",
+                    ),
+                )
+                .await?;
+                bail!("refused a stream without a client certificate");
+            };
+            let agent = match st.db.agent_by_fingerprint(&fp)? {
+                Some(a) if a.revoked.is_none() => a,
+                Some(a) => {
+                    write_frame(
+                        &mut wr,
+                        &err(
+                            code::REVOKED,
+                            format!("the certificate of agent {} ({}) is revoked", a.name, a.id),
+                        ),
+                    )
+                    .await?;
+                    bail!("refused revoked agent {} ({})", a.name, a.id);
+                }
+                None => {
+                    write_frame(
+                        &mut wr,
+                        &err(code::UNAUTHENTICATED, "unknown client certificate"),
+                    )
+                    .await?;
+                    bail!("refused an unknown client certificate");
+                }
+            };
+            if version != PROTO_VERSION {
+                write_frame(
+                    &mut wr,
+                    &err(code::PROTOCOL, "unsupported protocol version"),
+                )
+                .await?;
+                bail!("protocol version {version}");
+            }
+            if !valid_name(&item) || !valid_name(&volume) {
+                write_frame(
+                    &mut wr,
+                    &err(
+                        code::PROTOCOL,
+                        "item and volume names: letters, digits, - _ . (up to 64)",
+                    ),
+                )
+                .await?;
+                bail!("bad names {item:?}/{volume:?}");
+            }
+            if !(4096..=(16 << 20)).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+                write_frame(
+                    &mut wr,
+                    &err(
+                        code::PROTOCOL,
+                        "chunk size must be a power of two from 4 KiB to 16 MiB",
+                    ),
+                )
+                .await?;
+                bail!("bad chunk size {chunk_size}");
+            }
+            replicate(
+                st, &mut rd, &mut wr, agent.id, item, volume, size, chunk_size, journal_id,
+            )
+            .await
+        }
+        other => {
+            write_frame(
+                &mut wr,
+                &err(
+                    code::PROTOCOL,
+                    format!(
+                        "a stream must start with hello or enroll, not {}",
+                        frame_name(&other)
+                    ),
+                ),
+            )
+            .await?;
+            bail!("unexpected first frame {}", frame_name(&other))
+        }
+    }
+}
+
+async fn enroll(st: &State, token: &str, agent: &str, has_cert: bool) -> Frame {
+    if has_cert {
+        return err(
+            code::REFUSED,
+            "already enrolled (a certificate was presented)",
+        );
+    }
+    if !valid_name(agent) {
+        return err(
+            code::PROTOCOL,
+            "agent name: letters, digits, - _ . (up to 64)",
+        );
+    }
+    let t: Token = match token.parse() {
+        Ok(t) => t,
+        Err(e) => return err(code::BAD_TOKEN, format!("{e:#}")),
+    };
+    let site = match st.db.use_token(&Token::secret_hash(&t.secret), agent) {
+        Ok(Ok(site)) => site,
+        Ok(Err(why)) => return err(code::BAD_TOKEN, why),
+        Err(e) => return err(code::IO, format!("{e:#}")),
+    };
+    let id = format!(
+        "agent-{}",
+        hex::encode(lifeboat_replicate::tls::random::<6>())
+    );
+    let (cert, key) = match st.ca.issue_agent(&id) {
+        Ok(x) => x,
+        Err(e) => return err(code::IO, format!("{e:#}")),
+    };
+    if let Err(e) = st.db.add_agent(&id, agent, &site, &fingerprint(&cert)) {
+        return err(code::IO, format!("{e:#}"));
+    }
+    tracing::info!("enrolled agent {agent} as {id} (site {site})");
+    Frame::Enrolled {
+        agent_id: id,
+        cert_der: cert,
+        key_der: key,
+        ca_der: st.ca.cert_der.clone(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn replicate<R, W>(
+    st: Arc<State>,
+    rd: &mut R,
+    wr: &mut W,
+    agent_id: String,
+    item: String,
+    volume: String,
+    size: u64,
+    chunk_size: u32,
+    journal_id: [u8; 16],
+) -> Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let key = (item.clone(), volume.clone());
+    let path = st
+        .cfg
+        .replica_dir(&st.dir)
+        .join(&item)
+        .join(format!("{volume}.img"));
+    // one stream per volume
+    let claimed: std::result::Result<Arc<Mutex<Replica>>, (u16, String)> = (|| {
+        let mut vols = st.volumes.lock().unwrap();
+        if vols.get(&key).is_some_and(|v| v.connected) {
+            return Err((
+                code::REFUSED,
+                format!("{item}/{volume} is already being replicated by another connection"),
+            ));
+        }
+        let existing = vols.get(&key).map(|v| v.replica.clone());
+        let replica = match existing {
+            Some(r) if r.lock().unwrap().size == size => r,
+            _ => Arc::new(Mutex::new(
+                Replica::open(&path, size).map_err(|e| (code::IO, e.to_string()))?,
+            )),
+        };
+        let e = vols.entry(key.clone()).or_insert_with(|| LiveVolume {
+            item: item.clone(),
+            volume: volume.clone(),
+            agent: agent_id.clone(),
+            replica: replica.clone(),
+            connected: false,
+            last_contact: None,
+            report: None,
+            error: None,
+            bytes_received: 0,
+            records: 0,
+            resync_chunks_compared: 0,
+            resync_chunks_received: 0,
+            resync_bytes_received: 0,
+            throughput: 0.0,
+            last_bytes: 0,
+        });
+        e.replica = replica.clone();
+        e.connected = true;
+        e.agent = agent_id.clone();
+        e.last_contact = Some(Instant::now());
+        e.error = None;
+        Ok(replica)
+    })();
+    let replica = match claimed {
+        Ok(r) => r,
+        Err((c, m)) => {
+            let _ = write_frame(wr, &err(c, m.clone())).await;
+            bail!("{item}/{volume}: {m}");
+        }
+    };
+    let result = stream(
+        &st, rd, wr, &agent_id, &item, &volume, size, chunk_size, journal_id, &path, replica,
+    )
+    .await;
+    let mut vols = st.volumes.lock().unwrap();
+    if let Some(v) = vols.get_mut(&key) {
+        v.connected = false;
+        v.error = result.as_ref().err().map(|e| format!("{e:#}"));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream<R, W>(
+    st: &Arc<State>,
+    rd: &mut R,
+    wr: &mut W,
+    agent_id: &str,
+    item: &str,
+    volume: &str,
+    size: u64,
+    chunk_size: u32,
+    journal_id: [u8; 16],
+    path: &std::path::Path,
+    replica: Arc<Mutex<Replica>>,
+) -> Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    st.db.volume(
+        item,
+        volume,
+        agent_id,
+        size,
+        chunk_size,
+        &path.to_string_lossy(),
+    )?;
+    let saved = st.db.stream_state(item, volume)?;
+    let (mut rx, welcome) = Receiver::new(saved.clone(), size, chunk_size, journal_id);
+    {
+        let mut r = replica.lock().unwrap();
+        r.applied_seq = rx.state().applied_seq;
+        r.consistent = rx.consistent();
+    }
+    write_frame(wr, &welcome).await?;
+    tracing::info!(
+        "{item}/{volume}: stream from {agent_id} at seq {}",
+        rx.state().applied_seq
+    );
+    let key = (item.to_string(), volume.to_string());
+    let mut last_revoke_check = Instant::now();
+    loop {
+        let f = match tokio::time::timeout(Duration::from_secs(60), read_frame(rd)).await {
+            Err(_) => bail!("{item}/{volume}: the agent has been silent for 60 s"),
+            Ok(Err(e)) => {
+                let _ = write_frame(wr, &err(code::PROTOCOL, format!("{e:#}"))).await;
+                bail!("{item}/{volume}: {e:#}");
+            }
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(f))) => f,
+        };
+        if last_revoke_check.elapsed() > Duration::from_secs(2) {
+            last_revoke_check = Instant::now();
+            if st.db.is_revoked(agent_id)? {
+                let _ = write_frame(
+                    wr,
+                    &err(code::REVOKED, "this agent's certificate was revoked"),
+                )
+                .await;
+                bail!("{item}/{volume}: agent {agent_id} was revoked; stream closed");
+            }
+        }
+        if let Frame::Status {
+            state,
+            rpo_ms,
+            lag_bytes,
+            journal_bytes,
+            sent_bytes,
+            resync_bytes,
+        } = &f
+        {
+            let mut vols = st.volumes.lock().unwrap();
+            if let Some(v) = vols.get_mut(&key) {
+                v.report = Some(AgentReport {
+                    state: *state,
+                    rpo_ms: *rpo_ms,
+                    lag_bytes: *lag_bytes,
+                    journal_bytes: *journal_bytes,
+                    sent_bytes: *sent_bytes,
+                    resync_bytes: *resync_bytes,
+                });
+                v.last_contact = Some(Instant::now());
+            }
+            continue;
+        }
+        let db = st.db.clone();
+        let rep = replica.clone();
+        let res = tokio::task::block_in_place(|| {
+            let mut r = rep.lock().unwrap();
+            let mut io = Io {
+                replica: &mut r,
+                db: &db,
+                item,
+                volume,
+            };
+            rx.on_frame(f, &mut io)
+        });
+        {
+            let mut vols = st.volumes.lock().unwrap();
+            if let Some(v) = vols.get_mut(&key) {
+                v.last_contact = Some(Instant::now());
+                v.bytes_received = rx.stats.bytes_written + rx.stats.resync_bytes_received;
+                v.records = rx.stats.records;
+                v.resync_chunks_compared = rx.stats.resync_chunks_compared;
+                v.resync_chunks_received = rx.stats.resync_chunks_received;
+                v.resync_bytes_received = rx.stats.resync_bytes_received;
+            }
+        }
+        match res {
+            Ok(out) => {
+                for o in out {
+                    write_frame(wr, &o).await?;
+                }
+            }
+            Err(e) => {
+                let _ = write_frame(wr, &e.frame()).await;
+                bail!("{item}/{volume}: {e}");
+            }
+        }
+    }
+}

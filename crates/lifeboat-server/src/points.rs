@@ -1,0 +1,194 @@
+//! Recovery points from hot replicas: crash-consistent cuts of each item
+//! (all its volumes at once) on a schedule or on request, then retention.
+//!
+//! A cut holds the replica locks of all volumes of the item, so no record
+//! is applied meanwhile: every volume is at a record boundary of its
+//! stream, which is a crash state the source went through.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use lifeboat_capture::scan::{create_point, CreateOptions, NoProgress, VolumeSpec};
+use lifeboat_format::manifest::PointKind;
+use lifeboat_store::prune::{prune, RetentionPolicy};
+use serde::Serialize;
+
+use crate::db::{now, PointRow};
+use crate::State;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cut {
+    pub id: String,
+    pub item: String,
+    pub volumes: Vec<String>,
+    pub journal_seq: u64,
+    pub data_bytes: u64,
+    pub added_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Cut a point of `item` now. `force`: even if nothing changed since the last.
+///
+/// # Errors
+/// No vault configured, an item that is unknown or not consistent (initial
+/// sync or a resync in progress), or vault errors.
+pub async fn cut(
+    st: &Arc<State>,
+    item: &str,
+    force: bool,
+    tag: Option<&str>,
+) -> Result<Option<Cut>> {
+    let Some(vault) = st.vault.clone() else {
+        bail!("no vault is configured (set `vault` in server.toml)");
+    };
+    let _g = st.cut_lock.lock().await;
+    let reps: Vec<(String, Arc<std::sync::Mutex<crate::replica::Replica>>)> = {
+        let vols = st.volumes.lock().unwrap();
+        let mut v: Vec<_> = vols
+            .values()
+            .filter(|v| v.item == item)
+            .map(|v| (v.volume.clone(), v.replica.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    if reps.is_empty() {
+        bail!("no replicated item named {item:?}");
+    }
+    let item = item.to_string();
+    let tag = tag.map(str::to_string);
+    let st2 = st.clone();
+    tokio::task::spawn_blocking(move || -> Result<Option<Cut>> {
+        let started = Instant::now();
+        let mut guards = Vec::new();
+        for (_, r) in &reps {
+            guards.push(r.lock().unwrap());
+        }
+        if let Some((n, _)) = reps.iter().zip(&guards).find(|(_, g)| !g.consistent) {
+            bail!(
+                "{item}/{} is not consistent yet (initial sync or resync in progress)",
+                n.0
+            );
+        }
+        if !force && !guards.iter().any(|g| g.changed) {
+            return Ok(None);
+        }
+        let mut specs = Vec::new();
+        for ((name, _), g) in reps.iter().zip(&guards) {
+            g.file.sync_data()?;
+            specs.push(VolumeSpec {
+                name: name
+                    .parse()
+                    .with_context(|| format!("volume name {name}"))?,
+                path: g.path.clone(),
+            });
+        }
+        let seq = guards.iter().map(|g| g.applied_seq).max().unwrap_or(0);
+        let mut tags = vec![format!("item:{item}"), "replica".to_string()];
+        tags.extend(tag);
+        let rep = create_point(
+            &vault,
+            &specs,
+            &CreateOptions {
+                kind: PointKind::CrashConsistent,
+                tags,
+                journal_seq: Some(seq),
+                ..Default::default()
+            },
+            &NoProgress,
+        )?;
+        for g in guards.iter_mut() {
+            g.changed = false;
+        }
+        drop(guards);
+        let added = rep.stored.new_stored_bytes;
+        st2.db.add_point(&PointRow {
+            id: rep.id.to_string(),
+            item: item.clone(),
+            time: rep.time as i64,
+            kind: "crash-consistent".into(),
+            journal_seq: Some(seq as i64),
+            data_bytes: rep.data_bytes as i64,
+            added_bytes: added as i64,
+        })?;
+        let cut = Cut {
+            id: rep.id.to_string(),
+            item: item.clone(),
+            volumes: reps.iter().map(|r| r.0.clone()).collect(),
+            journal_seq: seq,
+            data_bytes: rep.data_bytes,
+            added_bytes: added,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "{item}: point {} at seq {seq} ({} data bytes, {added} added) in {:.2} s",
+            cut.id,
+            cut.data_bytes,
+            cut.seconds
+        );
+        // retention of this item's points
+        let p = &st2.cfg.points;
+        let policy = RetentionPolicy {
+            keep_last: p.keep_last.max(1),
+            keep_hourly: p.keep_hourly,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+            scope_tag: Some(format!("item:{item}")),
+            ..Default::default()
+        };
+        match prune(&vault, &policy, false) {
+            Ok(r) => {
+                let gone: Vec<String> = r
+                    .points
+                    .iter()
+                    .filter(|d| !d.keep)
+                    .map(|d| d.id.to_string())
+                    .collect();
+                st2.db.forget_points(&gone)?;
+            }
+            Err(e) => tracing::warn!("{item}: retention deferred: {e}"),
+        }
+        Ok(Some(cut))
+    })
+    .await?
+}
+
+/// Every second: smooth throughput figures, and cut a point of every item
+/// whose interval has passed.
+pub async fn scheduler(st: Arc<State>) {
+    let interval = st.cfg.point_interval().unwrap_or(Duration::from_secs(60));
+    let mut last_cut: std::collections::HashMap<String, Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let items: Vec<String> = {
+            let mut vols = st.volumes.lock().unwrap();
+            for v in vols.values_mut() {
+                let d = v.bytes_received.saturating_sub(v.last_bytes) as f64;
+                v.last_bytes = v.bytes_received;
+                v.throughput = v.throughput * 0.7 + d * 0.3;
+            }
+            let mut i: Vec<String> = vols.values().map(|v| v.item.clone()).collect();
+            i.sort();
+            i.dedup();
+            i
+        };
+        if st.vault.is_none() {
+            continue;
+        }
+        for item in items {
+            let due = last_cut.get(&item).is_none_or(|t| t.elapsed() >= interval);
+            if !due {
+                continue;
+            }
+            match cut(&st, &item, false, None).await {
+                Ok(_) => {
+                    last_cut.insert(item, Instant::now());
+                }
+                Err(e) => tracing::debug!("{item}: no point now: {e:#}"),
+            }
+        }
+        let _ = now();
+    }
+}

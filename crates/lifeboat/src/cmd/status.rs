@@ -1,0 +1,105 @@
+//! `lifeboat status`: replication health from the server's REST API.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lifeboat_server::api::Status;
+
+use crate::common::{human, print_json};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The server's API address
+    #[arg(long, default_value = lifeboat_server::config::defaults::API, env = "LIFEBOAT_API")]
+    pub api: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// GET a JSON document from the API (plain HTTP/1.1 on the local network).
+pub fn get(api: &str, path: &str) -> Result<String> {
+    let addr = api.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| {
+        format!("cannot reach the Lifeboat API at {addr} (is `lifeboat server run` up?)")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP status line")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    if code != 200 {
+        bail!("the API answered {code}: {body}");
+    }
+    Ok(body)
+}
+
+fn dechunk(b: &str) -> String {
+    let mut out = String::new();
+    let mut rest = b;
+    while let Some((len, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn run(a: StatusArgs) -> Result<()> {
+    let body = get(&a.api, "/api/v1/status")?;
+    let st: Status =
+        serde_json::from_str(&body).context("the API answered something unexpected")?;
+    if a.json {
+        return print_json(&st);
+    }
+    println!(
+        "site {} (lifeboat {}, up {} s)",
+        st.site, st.version, st.uptime_secs
+    );
+    if st.volumes.is_empty() {
+        println!("no protected volumes yet: enroll an agent and `lifeboat protect` a volume");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<13} {:>9} {:>10} {:>10} {:>12}  last point",
+        "item/volume", "state", "RPO", "lag", "rate/s", "seq"
+    );
+    for v in st.volumes {
+        println!(
+            "{:<24} {:<13} {:>9} {:>10} {:>10} {:>12}  {}",
+            format!("{}/{}", v.item, v.volume),
+            v.state,
+            v.rpo_ms
+                .map(|m| format!("{:.1}s", m as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            human(v.lag_bytes),
+            human(v.throughput_bytes_per_sec),
+            v.applied_seq,
+            v.last_point.unwrap_or_else(|| "-".into())
+        );
+        if let Some(e) = v.error {
+            println!("    error: {e}");
+        }
+    }
+    Ok(())
+}

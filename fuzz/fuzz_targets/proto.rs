@@ -1,0 +1,16 @@
+//! The replication frame and batch-record decoders: bytes from the network.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use lifeboat_format::proto;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(p) = data.get(..4) {
+        let _ = proto::Frame::body_len(p.try_into().unwrap());
+    }
+    if let Ok(f) = proto::Frame::decode(data) {
+        // whatever decodes must encode back to the same frame
+        let e = f.encode();
+        assert_eq!(proto::Frame::decode(&e[4..]).unwrap(), f);
+    }
+    let _ = proto::decode_records(data);
+});
