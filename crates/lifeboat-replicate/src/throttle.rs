@@ -45,8 +45,8 @@ pub fn parse_rate(s: &str) -> Result<u64> {
     let t = s
         .trim()
         .to_ascii_lowercase()
-        .replace("/s", "")
-        .replace("ps", "");
+        .replace("bps", "bit")
+        .replace("/s", "");
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
