@@ -117,9 +117,16 @@ pub async fn ship_forever(
                 status.set_state(VolumeState::Error);
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+        // wait before reconnecting, keeping the journal within its bound
+        let until = Instant::now() + backoff;
+        while Instant::now() < until {
+            if let Err(e) = check_overflow(&src, &opts, &status).await {
+                tracing::error!("{}/{}: {e:#}", src.item, src.volume);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => return,
+            }
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -299,19 +306,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             }
             status.set_state(VolumeState::Protected);
             // overflow: drop the journal; the dirty map bounds the resync
-            let acked = *ack_rx.borrow();
-            if src.journal.bytes() > opts.journal_max {
-                let (j, d) = (src.journal.clone(), src.dirty.clone());
-                let x = tokio::task::spawn_blocking(move || {
-                    j.drop_unshipped(|_| d.flag_unacked(acked).map(|_| ()))
-                })
-                .await??;
-                tracing::warn!(
-                    "{}/{}: journal over {} bytes: dropped; resyncing from the dirty map (next seq {x})",
-                    src.item,
-                    src.volume,
-                    opts.journal_max
-                );
+            if check_overflow(src, opts, status).await? {
                 continue;
             }
             // backpressure: wait while too much is unacknowledged
@@ -368,6 +363,32 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
     .await;
     reader.abort();
     result
+}
+
+/// When the journal holds more than `journal_max`, drop it (the chunks its
+/// unacknowledged records touched are flagged for a resync). Returns
+/// whether it did.
+async fn check_overflow(
+    src: &Arc<Source>,
+    opts: &ShipOptions,
+    status: &ShipStatus,
+) -> Result<bool> {
+    if src.journal.bytes() <= opts.journal_max {
+        return Ok(false);
+    }
+    let acked = status.acked.load(Ordering::Relaxed);
+    let (j, d) = (src.journal.clone(), src.dirty.clone());
+    let x = tokio::task::spawn_blocking(move || {
+        j.drop_unshipped(|_| d.flag_unacked(acked).map(|_| ()))
+    })
+    .await??;
+    tracing::warn!(
+        "{}/{}: journal over {} bytes: dropped; resyncing from the dirty map (next seq {x})",
+        src.item,
+        src.volume,
+        opts.journal_max
+    );
+    Ok(true)
 }
 
 fn update_rpo(src: &Source, status: &ShipStatus, started: Instant, pass_started: Option<Instant>) {
@@ -492,24 +513,22 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         let f = src.file.clone();
         let size = src.size;
         let todo: Vec<(u64, bool)> = group.iter().map(|c| (*c, in_data(*c))).collect();
-        let read = tokio::task::spawn_blocking(
-            move || -> std::io::Result<Vec<ReadChunk>> {
-                let mut out = Vec::with_capacity(todo.len());
-                for (c, data) in todo {
-                    let off = c * cs;
-                    let len = cs.min(size - off) as usize;
-                    if !data {
-                        out.push((c, Vec::new(), ZERO_HASH));
-                        continue;
-                    }
-                    let mut b = vec![0u8; len];
-                    f.read_exact_at(&mut b, off)?;
-                    let h = chunk_hash(&b);
-                    out.push((c, b, h));
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<ReadChunk>> {
+            let mut out = Vec::with_capacity(todo.len());
+            for (c, data) in todo {
+                let off = c * cs;
+                let len = cs.min(size - off) as usize;
+                if !data {
+                    out.push((c, Vec::new(), ZERO_HASH));
+                    continue;
                 }
-                Ok(out)
-            },
-        )
+                let mut b = vec![0u8; len];
+                f.read_exact_at(&mut b, off)?;
+                let h = chunk_hash(&b);
+                out.push((c, b, h));
+            }
+            Ok(out)
+        })
         .await??;
         status
             .resync_chunks_compared

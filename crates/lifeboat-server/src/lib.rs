@@ -180,6 +180,9 @@ pub async fn run(
     ready: tokio::sync::oneshot::Sender<Bound>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("server directory {}", dir.display()))?;
     let cfg = ServerConfig::load(&dir)?;
     let db = Arc::new(open_db(&dir)?);
     let ca = load_ca(&dir, &cfg)?;
