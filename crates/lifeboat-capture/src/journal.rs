@@ -47,6 +47,8 @@ struct Inner {
     /// When records not yet released were committed (seq, time), oldest
     /// first: the age of the front is the replication RPO.
     times: VecDeque<(u64, Instant)>,
+    /// Bytes changed by records since open (writes, zeroing, trims).
+    changed: u64,
 }
 
 fn segment_name(first: u64) -> String {
@@ -126,6 +128,7 @@ impl Journal {
                 oldest,
                 bytes,
                 times: VecDeque::new(),
+                changed: 0,
             }),
         })
     }
@@ -148,6 +151,11 @@ impl Journal {
     /// the journal holds no record).
     pub fn oldest(&self) -> u64 {
         self.inner.lock().unwrap().oldest
+    }
+
+    /// Bytes of the volume changed by records since the journal was opened.
+    pub fn changed_bytes(&self) -> u64 {
+        self.inner.lock().unwrap().changed
     }
 
     /// Bytes on disk.
@@ -267,6 +275,9 @@ impl Journal {
         g.bytes += used;
         g.next_seq += 1;
         g.times.push_back((seq, Instant::now()));
+        if kind != RecordKind::Barrier {
+            g.changed += len as u64;
+        }
         if kind == RecordKind::Barrier {
             g.file.sync_data()?;
         }

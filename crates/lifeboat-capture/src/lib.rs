@@ -13,10 +13,12 @@
 pub mod diff;
 pub mod dirtymap;
 pub mod extents;
+pub mod fuse;
 pub mod journal;
 pub mod nbd;
 pub mod restore;
 pub mod scan;
+pub mod splitter;
 
 use lifeboat_store::StoreError;
 

@@ -9,45 +9,14 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lifeboat_format::nbd::*;
 
-use crate::dirtymap::DirtyMap;
 use crate::extents::{data_extents, read_full};
-use crate::journal::Journal;
-use lifeboat_format::journal::RecordKind;
 
-/// What a server exports.
-pub struct Export {
-    pub name: String,
-    pub file: File,
-    pub size: u64,
-    pub read_only: bool,
-    /// Where writes are captured, in order, before they are acknowledged.
-    pub journal: Option<std::sync::Arc<Journal>>,
-    /// Chunks written since the replica last caught up, kept durably.
-    pub dirty: Option<std::sync::Arc<DirtyMap>>,
-}
-
-impl Export {
-    fn tflags(&self) -> u16 {
-        let mut f = TFLAG_HAS_FLAGS
-            | TFLAG_SEND_FLUSH
-            | TFLAG_SEND_FUA
-            | TFLAG_SEND_TRIM
-            | TFLAG_SEND_WRITE_ZEROES
-            | TFLAG_SEND_CACHE
-            | TFLAG_SEND_DF
-            | TFLAG_CAN_MULTI_CONN;
-        if self.read_only {
-            f |= TFLAG_READ_ONLY;
-        }
-        f
-    }
-}
+pub use crate::splitter::Export;
 
 fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
@@ -248,41 +217,11 @@ fn serve(
         return Err((EPERM, "the export is read-only".into()));
     }
     let err = |e: io::Error| (io_errno(&e), e.to_string());
-    // A barrier: the volume durable, then the journal's barrier record.
-    let barrier = |f: &File| -> Result<(), (u32, String)> {
-        match &export.journal {
-            Some(j) => j.barrier(|| f.sync_data()).map(|_| ()).map_err(err),
-            None => f.sync_data().map_err(err),
-        }
-    };
-    let fua = |f: &File| -> Result<(), (u32, String)> {
+    let fua = || -> Result<(), (u32, String)> {
         if req.flags & CMD_FLAG_FUA != 0 {
-            barrier(f)?;
+            export.flush().map_err(err)?;
         }
         Ok(())
-    };
-    // Apply a change to the volume, journaled first when there is a journal.
-    let change = |kind: RecordKind,
-                  data: &[u8],
-                  apply: &dyn Fn() -> io::Result<()>|
-     -> Result<(), (u32, String)> {
-        // The dirty map first: whatever happens next, a resync covers it.
-        if let Some(d) = &export.dirty {
-            d.mark(req.offset, req.len as u64).map_err(err)?;
-        }
-        match &export.journal {
-            Some(j) => j
-                .record(kind, req.offset, req.len, data, |seq| {
-                    apply()?;
-                    if let Some(d) = &export.dirty {
-                        d.note(req.offset, req.len as u64, seq);
-                    }
-                    Ok(())
-                })
-                .map(|_| ())
-                .map_err(err),
-            None => apply().map_err(err),
-        }
     };
     match req.kind {
         CMD_READ => {
@@ -308,23 +247,17 @@ fn serve(
             Ok(v)
         }
         CMD_WRITE => {
-            change(RecordKind::Write, payload, &|| {
-                f.write_all_at(payload, req.offset)
-            })?;
-            fua(f)?;
+            export.write(req.offset, payload).map_err(err)?;
+            fua()?;
             Ok(ok(req.cookie, structured))
         }
         CMD_FLUSH => {
-            barrier(f)?;
+            export.flush().map_err(err)?;
             Ok(ok(req.cookie, structured))
         }
         CMD_TRIM => {
-            // advisory: punch a hole where the file system can
-            change(RecordKind::Trim, &[], &|| {
-                let _ = punch(f, req.offset, req.len as u64);
-                Ok(())
-            })?;
-            fua(f)?;
+            export.trim(req.offset, req.len as u64).map_err(err)?;
+            fua()?;
             Ok(ok(req.cookie, structured))
         }
         CMD_WRITE_ZEROES => {
@@ -332,20 +265,10 @@ fn serve(
             if !may_punch && req.flags & CMD_FLAG_FAST_ZERO != 0 {
                 return Err((ENOTSUP, "no fast zeroing here".into()));
             }
-            change(RecordKind::Zero, &[], &|| {
-                if may_punch && punch(f, req.offset, req.len as u64).is_ok() {
-                    return Ok(());
-                }
-                let zeros = vec![0u8; (req.len as usize).min(1 << 20)];
-                let mut pos = 0u64;
-                while pos < req.len as u64 {
-                    let n = (req.len as u64 - pos).min(zeros.len() as u64) as usize;
-                    f.write_all_at(&zeros[..n], req.offset + pos)?;
-                    pos += n as u64;
-                }
-                Ok(())
-            })?;
-            fua(f)?;
+            export
+                .zero(req.offset, req.len as u64, may_punch)
+                .map_err(err)?;
+            fua()?;
             Ok(ok(req.cookie, structured))
         }
         CMD_CACHE => {
@@ -387,17 +310,6 @@ fn serve(
         }
         k => Err((EINVAL, format!("unknown command {k}"))),
     }
-}
-
-fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
-    use rustix::fs::{fallocate, FallocateFlags};
-    fallocate(
-        f,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    )
-    .map_err(io::Error::from)
 }
 
 /// `base:allocation` descriptors for `[offset, offset+len)`: data is 0, holes

@@ -175,6 +175,8 @@ pub enum Frame {
         journal_bytes: u64,
         sent_bytes: u64,
         resync_bytes: u64,
+        /// Bytes the workload changed since the agent started.
+        written_bytes: u64,
     },
     Ping {
         t: u64,
@@ -325,10 +327,18 @@ impl Frame {
                 journal_bytes,
                 sent_bytes,
                 resync_bytes,
+                written_bytes,
             } => {
                 v.push(T_STATUS);
                 v.push(*state as u8);
-                for x in [rpo_ms, lag_bytes, journal_bytes, sent_bytes, resync_bytes] {
+                for x in [
+                    rpo_ms,
+                    lag_bytes,
+                    journal_bytes,
+                    sent_bytes,
+                    resync_bytes,
+                    written_bytes,
+                ] {
                     v.extend_from_slice(&x.to_le_bytes());
                 }
             }
@@ -470,6 +480,7 @@ impl Frame {
                     journal_bytes: r.u64()?,
                     sent_bytes: r.u64()?,
                     resync_bytes: r.u64()?,
+                    written_bytes: r.u64()?,
                 }
             }
             T_PING => Frame::Ping { t: r.u64()? },
@@ -626,6 +637,7 @@ mod tests {
             journal_bytes: 3,
             sent_bytes: 4,
             resync_bytes: 5,
+            written_bytes: 6,
         });
         roundtrip(Frame::Ping { t: 1 });
         roundtrip(Frame::Pong { t: 1 });

@@ -74,6 +74,10 @@ pub struct VolumeConfig {
     pub nbd_socket: Option<PathBuf>,
     /// TCP address of the NBD export.
     pub nbd_listen: Option<String>,
+    /// Directory where a FUSE single-file export of the volume is mounted
+    /// (`<dir>/<volume name>`; loop-mount that file for a local file system).
+    #[serde(default)]
+    pub fuse_mount: Option<PathBuf>,
 }
 
 fn default_mode() -> String {
@@ -132,9 +136,9 @@ impl AgentConfig {
                         v.mode
                     );
                 }
-                if v.nbd_socket.is_none() && v.nbd_listen.is_none() {
+                if v.nbd_socket.is_none() && v.nbd_listen.is_none() && v.fuse_mount.is_none() {
                     bail!(
-                        "volume {}/{}: give nbd_socket or nbd_listen (where the workload reaches the volume)",
+                        "volume {}/{}: give nbd_socket, nbd_listen or fuse_mount (where the workload reaches the volume)",
                         i.name,
                         v.name
                     );
@@ -256,6 +260,7 @@ struct Running {
     stop: watch::Sender<bool>,
     nbd_stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+    fuse: Option<lifeboat_capture::fuse::Mounted>,
 }
 
 /// Health of every protected volume, for `agent status`.
@@ -290,14 +295,14 @@ fn start_volume(
         DirtyMap::open(&jdir.join("dirty.map"), CHUNK_SIZE, size)
             .with_context(|| format!("dirty map in {}", jdir.display()))?,
     );
-    let export = Arc::new(Export {
-        name: v.name.clone(),
-        file: file.try_clone()?,
+    let export = Arc::new(Export::new(
+        &v.name,
+        file.try_clone()?,
         size,
-        read_only: false,
-        journal: Some(journal.clone()),
-        dirty: Some(dirty.clone()),
-    });
+        false,
+        Some(journal.clone()),
+        Some(dirty.clone()),
+    ));
     let nbd_stop = Arc::new(AtomicBool::new(false));
     if let Some(sock) = &v.nbd_socket {
         let _ = std::fs::remove_file(sock);
@@ -309,7 +314,7 @@ fn start_volume(
         let (e, s) = (export.clone(), nbd_stop.clone());
         std::thread::spawn(move || serve_listener(move || l.accept().map(|(s, _)| s), e, s));
         tracing::info!(
-            "{item}/{}: NBD at nbd+unix:///{}?socket={}",
+            "{item}/{}: NBD export at nbd+unix:///{}?socket={}",
             v.name,
             v.name,
             sock.display()
@@ -320,7 +325,7 @@ fn start_volume(
             .with_context(|| format!("cannot listen on {addr}"))?;
         let (e, s) = (export.clone(), nbd_stop.clone());
         tracing::info!(
-            "{item}/{}: NBD at nbd://{}/{}",
+            "{item}/{}: NBD export at nbd://{}/{}",
             v.name,
             l.local_addr()?,
             v.name
@@ -338,6 +343,20 @@ fn start_volume(
             )
         });
     }
+    let fuse = match &v.fuse_mount {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let m = lifeboat_capture::fuse::mount(export.clone(), dir)
+                .with_context(|| format!("cannot mount the FUSE export at {}", dir.display()))?;
+            tracing::info!(
+                "{item}/{}: FUSE export at {}",
+                v.name,
+                dir.join(&v.name).display()
+            );
+            Some(m)
+        }
+        None => None,
+    };
     let src = Arc::new(Source {
         item: item.to_string(),
         volume: v.name.clone(),
@@ -355,6 +374,7 @@ fn start_volume(
         stop,
         nbd_stop,
         task,
+        fuse,
     })
 }
 
@@ -370,6 +390,7 @@ fn stop_volume(r: Running) {
         let _ = std::net::TcpStream::connect(a);
     }
     r.task.abort();
+    drop(r.fuse);
 }
 
 /// Run the agent with the config at `path` until `shutdown` resolves.

@@ -421,6 +421,7 @@ async fn send_status<W: AsyncWrite + Unpin>(
         journal_bytes: src.journal.bytes(),
         sent_bytes: status.sent_bytes.load(Ordering::Relaxed),
         resync_bytes: status.resync_bytes.load(Ordering::Relaxed),
+        written_bytes: src.journal.changed_bytes(),
     };
     w.send(&f).await
 }

@@ -60,6 +60,8 @@ pub struct VolumeStatus {
     pub rpo_ms: Option<u64>,
     pub lag_bytes: u64,
     pub journal_bytes: u64,
+    /// Bytes the workload changed since the agent started (agent's figure).
+    pub written_bytes: u64,
     pub throughput_bytes_per_sec: u64,
     pub applied_seq: u64,
     pub consistent: bool,
@@ -133,6 +135,7 @@ pub fn status_of(st: &State) -> anyhow::Result<Status> {
             rpo_ms,
             lag_bytes: report.as_ref().map(|r| r.lag_bytes).unwrap_or(0),
             journal_bytes: report.as_ref().map(|r| r.journal_bytes).unwrap_or(0),
+            written_bytes: report.as_ref().map(|r| r.written_bytes).unwrap_or(0),
             throughput_bytes_per_sec: live.map(|l| l.throughput as u64).unwrap_or(0),
             applied_seq: applied,
             consistent,

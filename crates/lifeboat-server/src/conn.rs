@@ -346,6 +346,7 @@ where
             journal_bytes,
             sent_bytes,
             resync_bytes,
+            written_bytes,
         } = &f
         {
             let mut vols = st.volumes.lock().unwrap();
@@ -357,6 +358,7 @@ where
                     journal_bytes: *journal_bytes,
                     sent_bytes: *sent_bytes,
                     resync_bytes: *resync_bytes,
+                    written_bytes: *written_bytes,
                 });
                 v.last_contact = Some(Instant::now());
             }

@@ -127,6 +127,7 @@ pub struct AgentReport {
     pub journal_bytes: u64,
     pub sent_bytes: u64,
     pub resync_bytes: u64,
+    pub written_bytes: u64,
 }
 
 /// Live state of a replicated volume.

@@ -77,6 +77,9 @@ pub struct ProtectArgs {
     /// Serve it to the workload on this TCP address (NBD)
     #[arg(long)]
     pub nbd_listen: Option<String>,
+    /// Mount a FUSE single-file export of it in this directory (loop-mount DIR/NAME)
+    #[arg(long, value_name = "DIR")]
+    pub fuse_mount: Option<PathBuf>,
     #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
     pub config: PathBuf,
 }
@@ -162,6 +165,7 @@ pub fn protect(a: ProtectArgs) -> Result<()> {
         mode: "splitter".into(),
         nbd_socket: a.nbd_socket,
         nbd_listen: a.nbd_listen,
+        fuse_mount: a.fuse_mount,
     };
     match cfg.items.iter_mut().find(|i| i.name == a.item) {
         Some(i) => {

@@ -72,14 +72,14 @@ pub fn run(c: NbdCmd) -> Result<()> {
         ),
         None => None,
     };
-    let export = Arc::new(Export {
-        name: a.name.clone(),
+    let export = Arc::new(Export::new(
+        &a.name,
         file,
         size,
-        read_only: a.read_only,
+        a.read_only,
         journal,
         dirty,
-    });
+    ));
     let shutdown = Arc::new(AtomicBool::new(false));
     match (&a.socket, &a.listen) {
         (Some(path), None) => {
