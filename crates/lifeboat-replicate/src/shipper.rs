@@ -328,8 +328,8 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 Err(CursorError::Gap { .. }) => continue,
                 Err(CursorError::Io(e)) => return Err(e).context("reading the journal"),
             };
-            // health, every second
-            if last_status.elapsed() >= Duration::from_secs(1) {
+            // health, four times a second
+            if last_status.elapsed() >= Duration::from_millis(250) {
                 last_status = Instant::now();
                 update_rpo(src, status, started, pass_started);
                 send_status(&mut w, src, status).await?;

@@ -78,14 +78,22 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
+    let cli = Cli::parse();
+    // the long-running services log their progress; one-shot commands only warn
+    let default_filter = match cli.cmd {
+        Cmd::Server(cmd::server::ServerCmd::Run(_))
+        | Cmd::Agent(cmd::agent::AgentCmd::Run { .. }) => {
+            "warn,lifeboat_server=info,lifeboat_replicate=info"
+        }
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
-                .unwrap_or_else(|_| "warn,lifeboat_server=info,lifeboat_replicate=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Vault(c) => cmd::vault::run(c),
         Cmd::Point(c) => cmd::point::run(c),

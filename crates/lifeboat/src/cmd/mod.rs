@@ -4,6 +4,7 @@ pub mod agent;
 pub mod copy;
 pub mod debug;
 pub mod demo;
+pub mod demo_sites;
 pub mod nbd;
 pub mod point;
 pub mod server;

@@ -20,12 +20,21 @@ pub struct StatusArgs {
 
 /// GET a JSON document from the API (plain HTTP/1.1 on the local network).
 pub fn get(api: &str, path: &str) -> Result<String> {
+    request(api, "GET", path)
+}
+
+/// POST (no body) to the API; returns the JSON answer.
+pub fn post(api: &str, path: &str) -> Result<String> {
+    request(api, "POST", path)
+}
+
+fn request(api: &str, method: &str, path: &str) -> Result<String> {
     let addr = api.trim_start_matches("http://").trim_end_matches('/');
     let mut s = std::net::TcpStream::connect(addr).with_context(|| {
         format!("cannot reach the Lifeboat API at {addr} (is `lifeboat server run` up?)")
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\r\n")?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n")?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
