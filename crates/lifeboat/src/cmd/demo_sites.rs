@@ -173,7 +173,7 @@ pub fn run(
             buf[8..16].copy_from_slice(&n.to_le_bytes());
             wexport.write((seed % chunks) * buf.len() as u64, &buf)?;
             n += 1;
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 wexport.flush()?;
             }
             // ~20 MB/s
