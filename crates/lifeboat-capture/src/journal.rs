@@ -257,6 +257,22 @@ impl Journal {
         apply: F,
     ) -> io::Result<u64> {
         let mut g = self.inner.lock().unwrap();
+        let seq = self.append(&mut g, kind, offset, len, data, apply)?;
+        if kind == RecordKind::Barrier {
+            g.file.sync_data()?;
+        }
+        Ok(seq)
+    }
+
+    fn append<F: FnOnce(u64) -> io::Result<()>>(
+        &self,
+        g: &mut Inner,
+        kind: RecordKind,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        apply: F,
+    ) -> io::Result<u64> {
         if g.len >= SEGMENT_MAX {
             g.file.sync_data()?;
             let f = Self::new_segment(&self.dir, g.next_seq)?;
@@ -278,10 +294,26 @@ impl Journal {
         if kind != RecordKind::Barrier {
             g.changed += len as u64;
         }
-        if kind == RecordKind::Barrier {
-            g.file.sync_data()?;
-        }
         Ok(seq)
+    }
+
+    /// A consistency-group cut: a barrier record whose offset is `cut_id`
+    /// (non-zero) appended to every journal of the group while all their
+    /// locks are held, so no write of any volume falls between the markers:
+    /// the records before the markers form one write-order-consistent state
+    /// of all the volumes. A cut orders; unlike a flush it does not sync.
+    /// The journals must always be passed in the same order.
+    ///
+    /// # Errors
+    /// I/O errors appending (some journals may then hold the marker; a cut
+    /// is only used when every volume reaches it).
+    pub fn group_cut(journals: &[&Journal], cut_id: u64) -> io::Result<()> {
+        assert!(cut_id != 0, "cut ids are non-zero");
+        let mut guards: Vec<_> = journals.iter().map(|j| j.inner.lock().unwrap()).collect();
+        for (j, g) in journals.iter().zip(guards.iter_mut()) {
+            j.append(g, RecordKind::Barrier, cut_id, 0, &[], |_| Ok(()))?;
+        }
+        Ok(())
     }
 
     /// A barrier: `sync_volume` makes the volume durable, then the barrier

@@ -261,6 +261,7 @@ struct Running {
     nbd_stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
     fuse: Option<lifeboat_capture::fuse::Mounted>,
+    journal: Arc<Journal>,
 }
 
 /// Health of every protected volume, for `agent status`.
@@ -362,7 +363,7 @@ fn start_volume(
         volume: v.name.clone(),
         file: Arc::new(file),
         size,
-        journal,
+        journal: journal.clone(),
         dirty,
     });
     let status = Arc::new(ShipStatus::default());
@@ -375,6 +376,7 @@ fn start_volume(
         nbd_stop,
         task,
         fuse,
+        journal,
     })
 }
 
@@ -457,6 +459,26 @@ pub async fn run(
             }
         }
         first = false;
+        // consistency groups: the volumes of an item share a cut marker
+        // every second (see Journal::group_cut)
+        let cut_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1)
+            .max(1);
+        for item in &cfg.items {
+            let js: Vec<&Journal> = item
+                .volumes
+                .iter()
+                .filter_map(|v| running.get(&(item.name.clone(), v.name.clone())))
+                .map(|r| &*r.journal)
+                .collect();
+            if js.len() >= 2 {
+                if let Err(e) = Journal::group_cut(&js, cut_id) {
+                    tracing::error!("{}: consistency-group cut: {e}", item.name);
+                }
+            }
+        }
         {
             let mut h = health.lock().unwrap();
             h.clear();

@@ -88,6 +88,11 @@ pub struct Receiver {
     resync: Option<u64>,
     /// Chunks the last Want asked for (only those may come as Chunk records).
     wanted: std::collections::HashSet<u64>,
+    /// Stop at the first consistency-group cut marker at or past this id.
+    park_at: Option<u64>,
+    /// Stopped at this cut marker; `pending` holds the records after it.
+    parked: Option<u64>,
+    pending: Vec<lifeboat_format::proto::Rec>,
     pub stats: ReceiveStats,
 }
 
@@ -121,6 +126,9 @@ impl Receiver {
                 chunk_size: chunk_size as u64,
                 resync: None,
                 wanted: Default::default(),
+                park_at: None,
+                parked: None,
+                pending: Vec::new(),
                 stats: ReceiveStats::default(),
             },
             welcome,
@@ -129,6 +137,32 @@ impl Receiver {
 
     pub fn state(&self) -> &StreamState {
         &self.st
+    }
+
+    /// Stop applying at the first group cut marker with an id at or past
+    /// `target` (None: do not stop).
+    pub fn set_park(&mut self, target: Option<u64>) {
+        self.park_at = target;
+    }
+
+    /// The cut marker the stream stopped at, if it did.
+    pub fn parked(&self) -> Option<u64> {
+        self.parked
+    }
+
+    /// Go on after a park: apply the records held back.
+    ///
+    /// # Errors
+    /// As [`Receiver::on_frame`].
+    pub fn resume(&mut self, io: &mut dyn ReplicaIo) -> Result<Vec<Frame>, ReceiveError> {
+        self.parked = None;
+        self.park_at = None;
+        let recs = std::mem::take(&mut self.pending);
+        if recs.is_empty() {
+            return Ok(vec![]);
+        }
+        self.apply(recs, io)?;
+        Ok(vec![self.ack(io, false)?])
     }
 
     /// Whether the replica is a valid crash state now (a point may be cut).
@@ -155,6 +189,71 @@ impl Receiver {
         })
     }
 
+    fn apply(
+        &mut self,
+        recs: Vec<lifeboat_format::proto::Rec>,
+        io: &mut dyn ReplicaIo,
+    ) -> Result<(), ReceiveError> {
+        let mut it = recs.into_iter();
+        while let Some(r) = it.next() {
+            if r.kind == RecKind::Chunk {
+                let c = r.offset / self.chunk_size.max(1);
+                if self.resync.is_none()
+                    || r.offset % self.chunk_size != 0
+                    || !self.wanted.remove(&c)
+                {
+                    return Err(ReceiveError::Protocol(format!(
+                        "chunk at {} was not asked for",
+                        r.offset
+                    )));
+                }
+                self.check_range(r.offset, r.len as u64)?;
+                io.write_at(r.offset, &r.data)?;
+                self.stats.resync_chunks_received += 1;
+                self.stats.resync_bytes_received += r.len as u64;
+                continue;
+            }
+            let expected = self.st.applied_seq + 1;
+            if r.seq < expected {
+                continue; // a resend after a reconnect
+            }
+            if r.seq > expected {
+                let allowed = self.resync.is_some_and(|x| r.seq < x);
+                if !allowed {
+                    return Err(ReceiveError::Gap {
+                        expected,
+                        got: r.seq,
+                    });
+                }
+            }
+            match r.kind {
+                RecKind::Write => {
+                    self.check_range(r.offset, r.len as u64)?;
+                    io.write_at(r.offset, &r.data)?;
+                    self.stats.bytes_written += r.len as u64;
+                }
+                RecKind::Zero | RecKind::Trim => {
+                    self.check_range(r.offset, r.len as u64)?;
+                    io.zero(r.offset, r.len as u64)?;
+                }
+                RecKind::Barrier | RecKind::Chunk => {}
+            }
+            self.stats.records += 1;
+            self.st.applied_seq = r.seq;
+            // a consistency-group cut marker the server waits for
+            if r.kind == RecKind::Barrier
+                && r.offset != 0
+                && self.resync.is_none()
+                && self.park_at.is_some_and(|t| r.offset >= t)
+            {
+                self.parked = Some(r.offset);
+                self.pending = it.collect();
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Handle one frame from the agent; returns the frames to send back.
     ///
     /// # Errors
@@ -173,52 +272,10 @@ impl Receiver {
             } => {
                 let recs = open_batch(codec, raw_len, &payload)
                     .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
-                for r in recs {
-                    if r.kind == RecKind::Chunk {
-                        let c = r.offset / self.chunk_size.max(1);
-                        if self.resync.is_none()
-                            || r.offset % self.chunk_size != 0
-                            || !self.wanted.remove(&c)
-                        {
-                            return Err(ReceiveError::Protocol(format!(
-                                "chunk at {} was not asked for",
-                                r.offset
-                            )));
-                        }
-                        self.check_range(r.offset, r.len as u64)?;
-                        io.write_at(r.offset, &r.data)?;
-                        self.stats.resync_chunks_received += 1;
-                        self.stats.resync_bytes_received += r.len as u64;
-                        continue;
-                    }
-                    let expected = self.st.applied_seq + 1;
-                    if r.seq < expected {
-                        continue; // a resend after a reconnect
-                    }
-                    if r.seq > expected {
-                        let allowed = self.resync.is_some_and(|x| r.seq < x);
-                        if !allowed {
-                            return Err(ReceiveError::Gap {
-                                expected,
-                                got: r.seq,
-                            });
-                        }
-                    }
-                    match r.kind {
-                        RecKind::Write => {
-                            self.check_range(r.offset, r.len as u64)?;
-                            io.write_at(r.offset, &r.data)?;
-                            self.stats.bytes_written += r.len as u64;
-                        }
-                        RecKind::Zero | RecKind::Trim => {
-                            self.check_range(r.offset, r.len as u64)?;
-                            io.zero(r.offset, r.len as u64)?;
-                        }
-                        RecKind::Barrier | RecKind::Chunk => {}
-                    }
-                    self.stats.records += 1;
-                    self.st.applied_seq = r.seq;
+                if self.parked.is_some() {
+                    return Err(ReceiveError::Protocol("a batch while parked".into()));
                 }
+                self.apply(recs, io)?;
                 Ok(vec![self.ack(io, false)?])
             }
             Frame::ResyncBegin { x, full } => {
@@ -491,5 +548,61 @@ mod tests {
                 synced: false
             }
         );
+    }
+
+    #[test]
+    fn a_park_stops_at_the_first_cut_marker_and_resumes_after() {
+        let mut io = Mem {
+            data: vec![0; 8192],
+            persisted: None,
+            syncs: 0,
+        };
+        let st = StreamState {
+            applied_seq: 0,
+            synced: true,
+            consistent: true,
+            journal_id: [1; 16],
+        };
+        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16]);
+        let cut = |seq, id| Rec {
+            kind: RecKind::Barrier,
+            seq,
+            offset: id,
+            len: 0,
+            data: vec![],
+        };
+        r.set_park(Some(100));
+        let out = r
+            .on_frame(
+                batch(encode_records(&[
+                    w(1, 0, b"a"),
+                    cut(2, 50),
+                    w(3, 1, b"b"),
+                    cut(4, 150),
+                    w(5, 2, b"c"),
+                ])),
+                &mut io,
+            )
+            .unwrap();
+        assert_eq!(r.parked(), Some(150), "a marker before the target is passed");
+        assert_eq!(
+            out,
+            vec![Frame::Ack {
+                seq: 4,
+                resync_done: false
+            }]
+        );
+        assert_eq!(&io.data[..3], b"ab\0", "nothing after the marker is applied");
+        assert!(r.on_frame(Frame::Ping { t: 1 }, &mut io).is_ok());
+        let out = r.resume(&mut io).unwrap();
+        assert_eq!(
+            out,
+            vec![Frame::Ack {
+                seq: 5,
+                resync_done: false
+            }]
+        );
+        assert_eq!(&io.data[..3], b"abc");
+        assert_eq!(r.parked(), None);
     }
 }

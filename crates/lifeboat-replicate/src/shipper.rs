@@ -40,6 +40,9 @@ use tokio_rustls::TlsConnector;
 use crate::framed::{batch, read_frame};
 use crate::throttle::Throttle;
 
+/// Dirty bits of chunks written within this long stay set (a hot set).
+const HOT: Duration = Duration::from_secs(5);
+
 /// One volume to ship.
 pub struct Source {
     pub item: String,
@@ -236,6 +239,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
     let rstatus = status.clone();
     let mut reader = tokio::spawn(async move {
         let mut last_clear = Instant::now() - Duration::from_secs(10);
+        // (time, committed seq) samples: bits of chunks written in the last
+        // HOT seconds stay set, so a busy region is not re-marked (and
+        // synced) on every write
+        let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
         loop {
             let f = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
                 .await
@@ -250,13 +257,22 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                     }
                     let (j, d) = (rsrc.journal.clone(), rsrc.dirty.clone());
                     let clear = last_clear.elapsed() > Duration::from_millis(500);
+                    let mut upto = 0;
                     if clear {
                         last_clear = Instant::now();
+                        samples.push_back((Instant::now(), j.committed()));
+                        while samples.len() > 1 && samples[1].0.elapsed() >= HOT {
+                            samples.pop_front();
+                        }
+                        upto = match samples.front() {
+                            Some((t, c)) if t.elapsed() >= HOT => seq.min(*c),
+                            _ => 0,
+                        };
                     }
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                         j.trim(seq)?;
-                        if clear {
-                            d.clear_acked(seq)?;
+                        if upto > 0 {
+                            d.clear_acked(upto)?;
                         }
                         Ok(())
                     })

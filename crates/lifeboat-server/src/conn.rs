@@ -368,13 +368,16 @@ where
         let rep = replica.clone();
         let res = tokio::task::block_in_place(|| {
             let mut r = rep.lock().unwrap();
+            rx.set_park(r.park_target);
             let mut io = Io {
                 replica: &mut r,
                 db: &db,
                 item,
                 volume,
             };
-            rx.on_frame(f, &mut io)
+            let out = rx.on_frame(f, &mut io);
+            r.parked_at = rx.parked();
+            out
         });
         {
             let mut vols = st.volumes.lock().unwrap();
@@ -396,6 +399,40 @@ where
             Err(e) => {
                 let _ = write_frame(wr, &e.frame()).await;
                 bail!("{item}/{volume}: {e}");
+            }
+        }
+        // parked at a consistency-group cut marker: hold the stream (and,
+        // through TCP, the agent) until the point is cut
+        if rx.parked().is_some() {
+            let t = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let released = replica.lock().unwrap().park_target.is_none();
+                if released || t.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+            }
+            let res = tokio::task::block_in_place(|| {
+                let mut r = rep.lock().unwrap();
+                r.parked_at = None;
+                let mut io = Io {
+                    replica: &mut r,
+                    db: &db,
+                    item,
+                    volume,
+                };
+                rx.resume(&mut io)
+            });
+            match res {
+                Ok(out) => {
+                    for o in out {
+                        write_frame(wr, &o).await?;
+                    }
+                }
+                Err(e) => {
+                    let _ = write_frame(wr, &e.frame()).await;
+                    bail!("{item}/{volume}: {e}");
+                }
             }
         }
     }

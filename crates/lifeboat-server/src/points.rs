@@ -56,10 +56,52 @@ pub async fn cut(
     if reps.is_empty() {
         bail!("no replicated item named {item:?}");
     }
+    // a consistency group: stop every volume's stream at the same cut marker
+    let group = reps.len() >= 2;
+    let mut cut_marker = None;
+    if group {
+        let target = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        for (_, r) in &reps {
+            let mut g = r.lock().unwrap();
+            g.park_target = Some(target);
+            g.parked_at = None;
+        }
+        let t = Instant::now();
+        let release = |reps: &[(String, Arc<std::sync::Mutex<crate::replica::Replica>>)]| {
+            for (_, r) in reps {
+                r.lock().unwrap().park_target = None;
+            }
+        };
+        loop {
+            let at: Vec<Option<u64>> = reps
+                .iter()
+                .map(|(_, r)| r.lock().unwrap().parked_at)
+                .collect();
+            if at.iter().all(|a| a.is_some()) {
+                if at.windows(2).all(|w| w[0] == w[1]) {
+                    cut_marker = at[0];
+                    break;
+                }
+                release(&reps);
+                bail!(
+                    "{item}: the volumes stopped at different cut markers {at:?}; no group point"
+                );
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                release(&reps);
+                bail!("{item}: not every volume reached a consistency-group cut within 10 s (is the agent streaming all of them?)");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let item = item.to_string();
     let tag = tag.map(str::to_string);
     let st2 = st.clone();
-    tokio::task::spawn_blocking(move || -> Result<Option<Cut>> {
+    let reps_release = reps.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<Option<Cut>> {
         let started = Instant::now();
         let mut guards = Vec::new();
         for (_, r) in &reps {
@@ -151,7 +193,17 @@ pub async fn cut(
         }
         Ok(Some(cut))
     })
-    .await?
+    .await;
+    if group {
+        for (_, r) in &reps_release {
+            r.lock().unwrap().park_target = None;
+        }
+    }
+    let cut = r??;
+    if let (Some(c), Some(m)) = (&cut, cut_marker) {
+        tracing::info!("{}: group point {} at cut marker {m}", c.item, c.id);
+    }
+    Ok(cut)
 }
 
 /// Every second: smooth throughput figures, and cut a point of every item

@@ -25,6 +25,11 @@ pub struct Replica {
     pub consistent: bool,
     /// Changed since the last recovery point.
     pub changed: bool,
+    /// A point cut of the consistency group waits for the stream to stop
+    /// at the first cut marker at or past this id.
+    pub park_target: Option<u64>,
+    /// The cut marker the stream stopped at.
+    pub parked_at: Option<u64>,
 }
 
 impl Replica {
@@ -64,6 +69,8 @@ impl Replica {
             applied_seq: 0,
             consistent: false,
             changed: false,
+            park_target: None,
+            parked_at: None,
         })
     }
 }

@@ -254,3 +254,96 @@ fn no_certificate_revoked_agents_and_reused_tokens_are_refused() {
     assert!(log.contains("revoked"), "{log}");
     s.agent.as_mut().unwrap().stop();
 }
+
+#[test]
+fn a_consistency_group_is_cut_at_the_same_marker_on_every_volume() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = Sites::new(d.path(), "8GiB");
+    s.converge();
+    // a second volume of the same item
+    ok(lb(
+        d.path(),
+        &[
+            "debug",
+            "make-image",
+            "--size",
+            "16M",
+            "--data",
+            "4M",
+            "src1.img",
+        ],
+    ));
+    ok(lb(
+        d.path(),
+        &[
+            "protect",
+            "db",
+            "--volume",
+            "disk1=src1.img",
+            "--nbd-socket",
+            "db1.sock",
+            "--config",
+            "agent.toml",
+        ],
+    ));
+    let t = Instant::now();
+    while !d.path().join("db1.sock").exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "disk1 not served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let uri1 = format!(
+        "nbd+unix:///disk1?socket={}",
+        d.path().join("db1.sock").display()
+    );
+    let io = |uri: &str, i: u32| {
+        let o = Command::new("qemu-io")
+            .args(["-f", "raw", uri, "-c", &format!("write -P {i} 0 4k")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // counter i goes to disk0, then (after it is acknowledged) to disk1:
+    // any consistent state has disk1 <= disk0 <= disk1 + 1
+    let api = s.api.clone();
+    let cutter = std::thread::spawn(move || {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(1500));
+            let (code, cut) = http(&api, "POST", "/api/v1/items/db/points");
+            assert_eq!(code, 200, "{cut}");
+            ids.push(cut["id"].as_str().unwrap().to_string());
+        }
+        ids
+    });
+    let uri0 = s.uri();
+    let mut i = 1u32;
+    while !cutter.is_finished() && i < 250 {
+        io(&uri0, i);
+        io(&uri1, i);
+        i += 1;
+    }
+    let ids = cutter.join().unwrap();
+    for id in &ids {
+        let mut v = Vec::new();
+        for vol in ["disk0", "disk1"] {
+            let out = format!("{id}-{vol}.img");
+            ok(lb(
+                d.path(),
+                &[
+                    "point", "restore", "vault", id, "--volume", vol, "--to", &out,
+                ],
+            ));
+            v.push(std::fs::read(d.path().join(&out)).unwrap()[0] as u32);
+        }
+        let (a, b) = (v[0], v[1]);
+        assert!(
+            b <= a && a <= b + 1,
+            "point {id}: disk0 at {a}, disk1 at {b}"
+        );
+    }
+    let log = std::fs::read_to_string(d.path().join("server.log")).unwrap();
+    assert!(log.contains("group point"), "{log}");
+}
