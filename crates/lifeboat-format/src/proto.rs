@@ -184,6 +184,17 @@ pub enum Frame {
     Pong {
         t: u64,
     },
+    /// server → agent: run the item's freeze hook, append cut marker
+    /// `cut_id` to all its volumes' journals, run the thaw hook.
+    Quiesce {
+        cut_id: u64,
+    },
+    /// agent → server: how that went.
+    Quiesced {
+        cut_id: u64,
+        ok: bool,
+        message: String,
+    },
     /// Either side: why the stream ends.
     Error {
         code: u16,
@@ -205,6 +216,8 @@ const T_STATUS: u8 = 11;
 const T_PING: u8 = 12;
 const T_PONG: u8 = 13;
 const T_ERROR: u8 = 14;
+const T_QUIESCE: u8 = 15;
+const T_QUIESCED: u8 = 16;
 
 fn put_str(v: &mut Vec<u8>, s: &str) {
     let b = &s.as_bytes()[..s.len().min(MAX_STR)];
@@ -350,6 +363,20 @@ impl Frame {
                 v.push(T_PONG);
                 v.extend_from_slice(&t.to_le_bytes());
             }
+            Frame::Quiesce { cut_id } => {
+                v.push(T_QUIESCE);
+                v.extend_from_slice(&cut_id.to_le_bytes());
+            }
+            Frame::Quiesced {
+                cut_id,
+                ok,
+                message,
+            } => {
+                v.push(T_QUIESCED);
+                v.extend_from_slice(&cut_id.to_le_bytes());
+                v.push(*ok as u8);
+                put_str(&mut v, message);
+            }
             Frame::Error { code, message } => {
                 v.push(T_ERROR);
                 v.extend_from_slice(&code.to_le_bytes());
@@ -485,6 +512,12 @@ impl Frame {
             }
             T_PING => Frame::Ping { t: r.u64()? },
             T_PONG => Frame::Pong { t: r.u64()? },
+            T_QUIESCE => Frame::Quiesce { cut_id: r.u64()? },
+            T_QUIESCED => Frame::Quiesced {
+                cut_id: r.u64()?,
+                ok: r.u8()? != 0,
+                message: get_str(&mut r)?,
+            },
             T_ERROR => Frame::Error {
                 code: r.u16()?,
                 message: get_str(&mut r)?,
@@ -640,6 +673,12 @@ mod tests {
             written_bytes: 6,
         });
         roundtrip(Frame::Ping { t: 1 });
+        roundtrip(Frame::Quiesce { cut_id: 1 << 63 });
+        roundtrip(Frame::Quiesced {
+            cut_id: 3,
+            ok: false,
+            message: "freeze failed".into(),
+        });
         roundtrip(Frame::Pong { t: 1 });
         roundtrip(Frame::Error {
             code: code::GAP,

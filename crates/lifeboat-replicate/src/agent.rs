@@ -20,6 +20,7 @@ use lifeboat_capture::extents::volume_size;
 use lifeboat_capture::journal::Journal;
 use lifeboat_capture::nbd::{serve_listener, Export};
 use lifeboat_format::proto::{Frame, PROTO_VERSION};
+// (Frame is also used for app-consistent cut answers)
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -57,6 +58,14 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields)]
 pub struct ItemConfig {
     pub name: String,
+    /// Run before an app-consistent cut (e.g. `fsfreeze -f /srv/db` or a
+    /// database checkpoint); a failure aborts the cut.
+    #[serde(default)]
+    pub freeze: Option<String>,
+    /// Run after the cut marker is written, whatever happened (e.g.
+    /// `fsfreeze -u /srv/db`).
+    #[serde(default)]
+    pub thaw: Option<String>,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
@@ -395,6 +404,60 @@ fn stop_volume(r: Running) {
     drop(r.fuse);
 }
 
+fn hook(what: &str, cmd: &str) -> Result<()> {
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run the {what} hook"))?;
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                bail!("the {what} hook `{cmd}` failed ({st})");
+            }
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("the {what} hook `{cmd}` took over 60 s and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An app-consistent cut: freeze, make every volume durable, append the
+/// cut marker to all the item's journals at once, thaw (always).
+fn app_cut(item: &ItemConfig, journals: &[Arc<Journal>], cut_id: u64) -> Result<String> {
+    if journals.is_empty() {
+        bail!("no volume of {} is being served", item.name);
+    }
+    if let Some(f) = &item.freeze {
+        hook("freeze", f)?;
+    }
+    let r = (|| -> Result<()> {
+        let js: Vec<&Journal> = journals.iter().map(|j| &**j).collect();
+        Journal::group_cut(&js, cut_id)?;
+        Ok(())
+    })();
+    let thawed = match &item.thaw {
+        Some(t) => hook("thaw", t),
+        None => Ok(()),
+    };
+    r?;
+    thawed?;
+    Ok(format!(
+        "{} volume(s) cut{}",
+        journals.len(),
+        if item.freeze.is_some() {
+            " under the freeze hook"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// Run the agent with the config at `path` until `shutdown` resolves.
 /// `health` is refreshed every second (for status output).
 ///
@@ -408,6 +471,8 @@ pub async fn run(
     let mut cfg = AgentConfig::load(&path)?;
     let creds = credentials(&cfg.state_dir)?;
     let tls_cfg = tls::agent_config(&creds.ca, &creds.cert, &creds.key)?;
+    let (control_tx, mut control_rx) =
+        tokio::sync::mpsc::unbounded_channel::<crate::shipper::QuiesceRequest>();
     let opts = |cfg: &AgentConfig| -> Result<ShipOptions> {
         Ok(ShipOptions {
             server: cfg.server.clone(),
@@ -416,6 +481,7 @@ pub async fn run(
             journal_max: parse_size(&cfg.journal_max)?,
             batch_max: 4 << 20,
             window: 64 << 20,
+            control: Some(control_tx.clone()),
         })
     };
     let mut running: HashMap<(String, String), Running> = HashMap::new();
@@ -505,6 +571,33 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
+            Some(q) = control_rx.recv() => {
+                let item = cfg.items.iter().find(|i| i.name == q.item).cloned();
+                let journals: Vec<Arc<Journal>> = item
+                    .iter()
+                    .flat_map(|i| i.volumes.iter())
+                    .filter_map(|v| running.get(&(q.item.clone(), v.name.clone())))
+                    .map(|r| r.journal.clone())
+                    .collect();
+                let (ok, message) = match item {
+                    None => (false, format!("item {} is not protected by this agent", q.item)),
+                    Some(i) => {
+                        let r = tokio::task::spawn_blocking(move || app_cut(&i, &journals, q.cut_id)).await;
+                        match r {
+                            Ok(Ok(m)) => (true, m),
+                            Ok(Err(e)) => (false, format!("{e:#}")),
+                            Err(e) => (false, e.to_string()),
+                        }
+                    }
+                };
+                if ok {
+                    tracing::info!("{}: app-consistent cut {}: {message}", q.item, q.cut_id);
+                } else {
+                    tracing::warn!("{}: app-consistent cut {} failed: {message}", q.item, q.cut_id);
+                }
+                q.reply.outbox.lock().unwrap().push(Frame::Quiesced { cut_id: q.cut_id, ok, message });
+                continue;
+            }
         }
         // config changes (protect / unprotect)
         let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();

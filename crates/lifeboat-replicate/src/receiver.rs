@@ -373,6 +373,8 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Ping { .. } => "ping",
         Frame::Pong { .. } => "pong",
         Frame::Error { .. } => "error",
+        Frame::Quiesce { .. } => "quiesce",
+        Frame::Quiesced { .. } => "quiesced",
     }
 }
 
@@ -584,7 +586,11 @@ mod tests {
                 &mut io,
             )
             .unwrap();
-        assert_eq!(r.parked(), Some(150), "a marker before the target is passed");
+        assert_eq!(
+            r.parked(),
+            Some(150),
+            "a marker before the target is passed"
+        );
         assert_eq!(
             out,
             vec![Frame::Ack {
@@ -592,7 +598,11 @@ mod tests {
                 resync_done: false
             }]
         );
-        assert_eq!(&io.data[..3], b"ab\0", "nothing after the marker is applied");
+        assert_eq!(
+            &io.data[..3],
+            b"ab\0",
+            "nothing after the marker is applied"
+        );
         assert!(r.on_frame(Frame::Ping { t: 1 }, &mut io).is_ok());
         let out = r.resume(&mut io).unwrap();
         assert_eq!(

@@ -65,6 +65,17 @@ pub struct ShipOptions {
     pub batch_max: usize,
     /// Unacknowledged bytes in flight before waiting (backpressure).
     pub window: u64,
+    /// Where app-consistent cut requests from the server go (the agent runs
+    /// the item's hooks and answers through [`ShipStatus::outbox`]).
+    pub control: Option<mpsc::UnboundedSender<QuiesceRequest>>,
+}
+
+/// The server asks for an app-consistent cut of `item` at `cut_id`.
+pub struct QuiesceRequest {
+    pub item: String,
+    pub cut_id: u64,
+    /// The stream that carried the request (the answer goes back on it).
+    pub reply: Arc<ShipStatus>,
 }
 
 /// Live health of a shipped volume (read by `agent status` and sent to the
@@ -82,6 +93,8 @@ pub struct ShipStatus {
     pub rpo_ms: AtomicU64,
     pub passes: AtomicU64,
     pub connects: AtomicU64,
+    /// Frames to send on the stream (answers to the server's requests).
+    pub outbox: Mutex<Vec<Frame>>,
 }
 
 impl ShipStatus {
@@ -237,6 +250,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
     let (ack_tx, mut ack_rx) = watch::channel(applied);
     let rsrc = src.clone();
     let rstatus = status.clone();
+    let rcontrol = opts.control.clone();
     let mut reader = tokio::spawn(async move {
         let mut last_clear = Instant::now() - Duration::from_secs(10);
         // (time, committed seq) samples: bits of chunks written in the last
@@ -282,6 +296,23 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                     let _ = ev_tx.send(Event::Want(chunks)).await;
                 }
                 Some(Frame::Pong { .. }) => {}
+                Some(Frame::Quiesce { cut_id }) => {
+                    let sent = rcontrol.as_ref().is_some_and(|c| {
+                        c.send(QuiesceRequest {
+                            item: rsrc.item.clone(),
+                            cut_id,
+                            reply: rstatus.clone(),
+                        })
+                        .is_ok()
+                    });
+                    if !sent {
+                        rstatus.outbox.lock().unwrap().push(Frame::Quiesced {
+                            cut_id,
+                            ok: false,
+                            message: "this agent takes no app-consistent cuts".into(),
+                        });
+                    }
+                }
                 Some(Frame::Error { message, .. }) => {
                     bail!("the server ended the stream: {message}")
                 }
@@ -344,6 +375,11 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 Err(CursorError::Gap { .. }) => continue,
                 Err(CursorError::Io(e)) => return Err(e).context("reading the journal"),
             };
+            // answers to the server's requests
+            let out: Vec<Frame> = std::mem::take(&mut *status.outbox.lock().unwrap());
+            for f in out {
+                w.send(&f).await?;
+            }
             // health, four times a second
             if last_status.elapsed() >= Duration::from_millis(250) {
                 last_status = Instant::now();

@@ -4,7 +4,7 @@
 //! * `GET  /api/v1/status`                — server and per-volume health
 //! * `GET  /api/v1/items`                 — items, their volumes, last point
 //! * `GET  /api/v1/points[?item=NAME]`    — recovery points cut by this server
-//! * `POST /api/v1/items/{item}/points`   — cut a point now
+//! * `POST /api/v1/items/{item}/points[?kind=app-consistent]` — cut a point now
 //! * `GET  /api/v1/agents`                — enrolled agents
 
 use std::collections::BTreeMap;
@@ -195,11 +195,28 @@ async fn points(
     Ok(Json(st.db.points(q.item.as_deref())?))
 }
 
+#[derive(Deserialize)]
+struct CutQuery {
+    /// `app-consistent` runs the item's freeze/thaw hooks on the agent.
+    kind: Option<String>,
+}
+
 async fn cut_point(
     AxState(st): AxState<Arc<State>>,
     Path(item): Path<String>,
+    Query(q): Query<CutQuery>,
 ) -> Result<Json<crate::points::Cut>, ApiError> {
-    match crate::points::cut(&st, &item, true, Some("on-request")).await {
+    let app = match q.kind.as_deref() {
+        None | Some("crash-consistent") => false,
+        Some("app-consistent") => true,
+        Some(k) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("kind {k:?}: use crash-consistent or app-consistent"),
+            ))
+        }
+    };
+    match crate::points::cut(&st, &item, true, Some("on-request"), app).await {
         Ok(Some(c)) => Ok(Json(c)),
         Ok(None) => Err(ApiError(StatusCode::CONFLICT, "no point was cut".into())),
         Err(e) => Err(ApiError(StatusCode::CONFLICT, format!("{e:#}"))),

@@ -219,6 +219,7 @@ where
         .replica_dir(&st.dir)
         .join(&item)
         .join(format!("{volume}.img"));
+    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Frame>();
     // one stream per volume
     let claimed: std::result::Result<Arc<Mutex<Replica>>, (u16, String)> = (|| {
         let mut vols = st.volumes.lock().unwrap();
@@ -251,9 +252,13 @@ where
             resync_bytes_received: 0,
             throughput: 0.0,
             last_bytes: 0,
+            control: None,
+            quiesced: None,
         });
         e.replica = replica.clone();
         e.connected = true;
+        e.control = Some(ctl_tx.clone());
+        e.quiesced = None;
         e.agent = agent_id.clone();
         e.last_contact = Some(Instant::now());
         e.error = None;
@@ -268,11 +273,13 @@ where
     };
     let result = stream(
         &st, rd, wr, &agent_id, &item, &volume, size, chunk_size, journal_id, &path, replica,
+        ctl_rx,
     )
     .await;
     let mut vols = st.volumes.lock().unwrap();
     if let Some(v) = vols.get_mut(&key) {
         v.connected = false;
+        v.control = None;
         v.error = result.as_ref().err().map(|e| format!("{e:#}"));
     }
     result
@@ -291,6 +298,7 @@ async fn stream<R, W>(
     journal_id: [u8; 16],
     path: &std::path::Path,
     replica: Arc<Mutex<Replica>>,
+    mut ctl: tokio::sync::mpsc::UnboundedReceiver<Frame>,
 ) -> Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -319,15 +327,40 @@ where
     let key = (item.to_string(), volume.to_string());
     let mut last_revoke_check = Instant::now();
     loop {
-        let f = match tokio::time::timeout(Duration::from_secs(60), read_frame(rd)).await {
-            Err(_) => bail!("{item}/{volume}: the agent has been silent for 60 s"),
-            Ok(Err(e)) => {
+        // read the next frame; requests for the agent (app-consistent cuts)
+        // go out meanwhile (the read is never dropped half-way)
+        let read = read_frame(rd);
+        tokio::pin!(read);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let got = loop {
+            tokio::select! {
+                r = &mut read => break r,
+                Some(c) = ctl.recv() => write_frame(wr, &c).await?,
+                _ = tokio::time::sleep_until(deadline) => {
+                    bail!("{item}/{volume}: the agent has been silent for 60 s")
+                }
+            }
+        };
+        let f = match got {
+            Err(e) => {
                 let _ = write_frame(wr, &err(code::PROTOCOL, format!("{e:#}"))).await;
                 bail!("{item}/{volume}: {e:#}");
             }
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(f))) => f,
+            Ok(None) => return Ok(()),
+            Ok(Some(f)) => f,
         };
+        if let Frame::Quiesced {
+            cut_id,
+            ok,
+            message,
+        } = &f
+        {
+            let mut vols = st.volumes.lock().unwrap();
+            if let Some(v) = vols.get_mut(&key) {
+                v.quiesced = Some((*cut_id, *ok, message.clone()));
+            }
+            continue;
+        }
         if last_revoke_check.elapsed() > Duration::from_secs(2) {
             last_revoke_check = Instant::now();
             if st.db.is_revoked(agent_id)? {

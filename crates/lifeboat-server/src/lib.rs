@@ -148,6 +148,10 @@ pub struct LiveVolume {
     /// Bytes/s received, smoothed.
     pub throughput: f64,
     pub last_bytes: u64,
+    /// Requests for the agent on this stream.
+    pub control: Option<tokio::sync::mpsc::UnboundedSender<lifeboat_format::proto::Frame>>,
+    /// The agent's last answer to an app-consistent cut: (cut id, ok, message).
+    pub quiesced: Option<(u64, bool, String)>,
 }
 
 /// Everything the server's tasks share.

@@ -14,12 +14,19 @@ use lifeboat_format::manifest::PointKind;
 use lifeboat_store::prune::{prune, RetentionPolicy};
 use serde::Serialize;
 
+use lifeboat_format::proto::Frame;
+
 use crate::db::{now, PointRow};
+
+/// Cut markers of app-consistent cuts have this bit set (periodic group
+/// markers are milliseconds since the epoch, far below it).
+pub const APP_CUT: u64 = 1 << 62;
 use crate::State;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Cut {
     pub id: String,
+    pub kind: String,
     pub item: String,
     pub volumes: Vec<String>,
     pub journal_seq: u64,
@@ -38,6 +45,7 @@ pub async fn cut(
     item: &str,
     force: bool,
     tag: Option<&str>,
+    app: bool,
 ) -> Result<Option<Cut>> {
     let Some(vault) = st.vault.clone() else {
         bail!("no vault is configured (set `vault` in server.toml)");
@@ -56,14 +64,17 @@ pub async fn cut(
     if reps.is_empty() {
         bail!("no replicated item named {item:?}");
     }
-    // a consistency group: stop every volume's stream at the same cut marker
-    let group = reps.len() >= 2;
+    // a consistency group (or an app-consistent cut): stop every volume's
+    // stream at the same cut marker
+    let group = reps.len() >= 2 || app;
     let mut cut_marker = None;
     if group {
-        let target = std::time::SystemTime::now()
+        let millis = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
+        // app-consistent markers live above every periodic one
+        let target = if app { APP_CUT | millis } else { millis };
         for (_, r) in &reps {
             let mut g = r.lock().unwrap();
             g.park_target = Some(target);
@@ -75,7 +86,47 @@ pub async fn cut(
                 r.lock().unwrap().park_target = None;
             }
         };
+        if app {
+            // ask the agent: freeze hook, marker in every journal, thaw hook
+            let ctl = {
+                let mut vols = st.volumes.lock().unwrap();
+                let mut c = None;
+                for v in vols.values_mut().filter(|v| v.item == item) {
+                    v.quiesced = None;
+                    if c.is_none() {
+                        c = v.control.clone();
+                    }
+                }
+                c
+            };
+            let sent = ctl.is_some_and(|c| c.send(Frame::Quiesce { cut_id: target }).is_ok());
+            if !sent {
+                release(&reps);
+                bail!("{item}: the agent is not connected; no app-consistent point");
+            }
+        }
+        let limit = if app {
+            Duration::from_secs(90)
+        } else {
+            Duration::from_secs(10)
+        };
         loop {
+            if app {
+                let failed = st
+                    .volumes
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|v| v.item == item)
+                    .find_map(|v| match &v.quiesced {
+                        Some((id, false, m)) if *id == target => Some(m.clone()),
+                        _ => None,
+                    });
+                if let Some(m) = failed {
+                    release(&reps);
+                    bail!("{item}: the agent could not take an app-consistent cut: {m}");
+                }
+            }
             let at: Vec<Option<u64>> = reps
                 .iter()
                 .map(|(_, r)| r.lock().unwrap().parked_at)
@@ -90,7 +141,7 @@ pub async fn cut(
                     "{item}: the volumes stopped at different cut markers {at:?}; no group point"
                 );
             }
-            if t.elapsed() > Duration::from_secs(10) {
+            if t.elapsed() > limit {
                 release(&reps);
                 bail!("{item}: not every volume reached a consistency-group cut within 10 s (is the agent streaming all of them?)");
             }
@@ -133,7 +184,11 @@ pub async fn cut(
             &vault,
             &specs,
             &CreateOptions {
-                kind: PointKind::CrashConsistent,
+                kind: if app {
+                    PointKind::AppConsistent
+                } else {
+                    PointKind::CrashConsistent
+                },
                 tags,
                 journal_seq: Some(seq),
                 ..Default::default()
@@ -149,13 +204,24 @@ pub async fn cut(
             id: rep.id.to_string(),
             item: item.clone(),
             time: rep.time as i64,
-            kind: "crash-consistent".into(),
+            kind: if app {
+                "app-consistent"
+            } else {
+                "crash-consistent"
+            }
+            .into(),
             journal_seq: Some(seq as i64),
             data_bytes: rep.data_bytes as i64,
             added_bytes: added as i64,
         })?;
         let cut = Cut {
             id: rep.id.to_string(),
+            kind: if app {
+                "app-consistent"
+            } else {
+                "crash-consistent"
+            }
+            .into(),
             item: item.clone(),
             volumes: reps.iter().map(|r| r.0.clone()).collect(),
             journal_seq: seq,
@@ -234,7 +300,7 @@ pub async fn scheduler(st: Arc<State>) {
             if !due {
                 continue;
             }
-            match cut(&st, &item, false, None).await {
+            match cut(&st, &item, false, None, false).await {
                 Ok(_) => {
                     last_cut.insert(item, Instant::now());
                 }

@@ -347,3 +347,75 @@ fn a_consistency_group_is_cut_at_the_same_marker_on_every_volume() {
     let log = std::fs::read_to_string(d.path().join("server.log")).unwrap();
     assert!(log.contains("group point"), "{log}");
 }
+
+#[test]
+fn app_consistent_points_run_the_agents_hooks_around_the_cut() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = Sites::new(d.path(), "8GiB");
+    s.converge();
+    let set_hooks = |freeze: &str| {
+        let p = d.path().join("agent.toml");
+        let c = std::fs::read_to_string(&p)
+            .unwrap()
+            .lines()
+            .filter(|l| !(l.starts_with("freeze =") || l.starts_with("thaw =")))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(
+                "[[item]]\nname = \"db\"\n",
+                &format!("[[item]]\nname = \"db\"\nfreeze = \"{freeze}\"\nthaw = \"echo thaw >> hooks.log\"\n"),
+            );
+        std::fs::write(&p, c + "\n").unwrap();
+        std::thread::sleep(Duration::from_millis(2500)); // the agent reloads its config
+    };
+    set_hooks("echo freeze >> hooks.log");
+    s.qemu_io(&["write -P 0x42 4M 1M".into()]);
+    let out = ok(lb(
+        d.path(),
+        &[
+            "point",
+            "cut",
+            "db",
+            "--app-consistent",
+            "--api",
+            &s.api,
+            "--json",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "app-consistent", "{v}");
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("hooks.log")).unwrap(),
+        "freeze\nthaw\n"
+    );
+    let id = v["id"].as_str().unwrap();
+    let shown = ok(lb(d.path(), &["point", "show", "vault", id, "--json"]));
+    assert!(
+        shown.contains("app-consistent") || shown.contains("AppConsistent"),
+        "{shown}"
+    );
+    ok(lb(
+        d.path(),
+        &[
+            "point", "restore", "vault", id, "--volume", "disk0", "--to", "app.img",
+        ],
+    ));
+    assert_eq!(
+        std::fs::read(d.path().join("app.img")).unwrap(),
+        std::fs::read(&s.src).unwrap()
+    );
+    // a failing freeze hook aborts the cut with its reason; replication goes on
+    set_hooks("exit 3");
+    let o = lb(
+        d.path(),
+        &["point", "cut", "db", "--app-consistent", "--api", &s.api],
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("freeze hook"), "{e}");
+    s.qemu_io(&["write -P 0x43 5M 64k".into()]);
+    s.converge();
+}

@@ -80,6 +80,12 @@ pub struct ProtectArgs {
     /// Mount a FUSE single-file export of it in this directory (loop-mount DIR/NAME)
     #[arg(long, value_name = "DIR")]
     pub fuse_mount: Option<PathBuf>,
+    /// Item hook run before an app-consistent cut (e.g. 'fsfreeze -f /srv/db')
+    #[arg(long, value_name = "CMD")]
+    pub freeze: Option<String>,
+    /// Item hook run after it (e.g. 'fsfreeze -u /srv/db')
+    #[arg(long, value_name = "CMD")]
+    pub thaw: Option<String>,
     #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
     pub config: PathBuf,
 }
@@ -173,9 +179,17 @@ pub fn protect(a: ProtectArgs) -> Result<()> {
                 bail!("{}/{} is already protected", a.item, v.name);
             }
             i.volumes.push(v);
+            if a.freeze.is_some() {
+                i.freeze = a.freeze.clone();
+            }
+            if a.thaw.is_some() {
+                i.thaw = a.thaw.clone();
+            }
         }
         None => cfg.items.push(ItemConfig {
             name: a.item.clone(),
+            freeze: a.freeze.clone(),
+            thaw: a.thaw.clone(),
             volumes: vec![v],
         }),
     }

@@ -127,6 +127,7 @@ pub fn run(
         journal_max: 1 << 30,
         batch_max: 4 << 20,
         window: 64 << 20,
+        control: None,
     };
     let ship_status = Arc::new(ShipStatus::default());
     let (ship_stop, ship_stop_rx) = tokio::sync::watch::channel(false);

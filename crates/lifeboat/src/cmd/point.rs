@@ -40,6 +40,27 @@ lifeboat point create /srv/vault --volume db=/dev/vg0/db --volume logs=/dev/vg0/
 are written in place.\n\nExample:\n  lifeboat point restore /srv/vault latest --volume disk0 --to /var/lib/images/vm-restored.raw --verify"
     )]
     Restore(RestoreArgs),
+    /// Ask a running `lifeboat server` to cut a point of a replicated item now
+    #[command(
+        after_help = "Crash-consistent by default; --app-consistent runs the item's freeze and thaw hooks on \
+the agent around the cut marker (agent.toml: freeze = \"…\", thaw = \"…\").\n\nExamples:\n  \
+lifeboat point cut db --api 127.0.0.1:7480\n  lifeboat point cut db --app-consistent --json"
+    )]
+    Cut(CutArgs),
+}
+
+#[derive(Args)]
+pub struct CutArgs {
+    /// The replicated item
+    pub item: String,
+    /// The server's API address
+    #[arg(long, default_value = lifeboat_server::config::defaults::API, env = "LIFEBOAT_API")]
+    pub api: String,
+    /// Run the item's freeze/thaw hooks on the agent around the cut
+    #[arg(long)]
+    pub app_consistent: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -132,6 +153,32 @@ fn run_hook(which: &str, cmd: &str) -> Result<()> {
 pub fn run(c: PointCmd) -> Result<()> {
     match c {
         PointCmd::Create(a) => create(a),
+        PointCmd::Cut(a) => {
+            let kind = if a.app_consistent {
+                "app-consistent"
+            } else {
+                "crash-consistent"
+            };
+            let body = crate::cmd::status::post(
+                &a.api,
+                &format!("/api/v1/items/{}/points?kind={kind}", a.item),
+            )?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            if a.json {
+                return print_json(&v);
+            }
+            println!(
+                "point {} ({}) of {} at seq {}: {} data, {} added, {:.2} s",
+                v["id"].as_str().unwrap_or("?"),
+                v["kind"].as_str().unwrap_or("?"),
+                a.item,
+                v["journal_seq"],
+                crate::common::human(v["data_bytes"].as_u64().unwrap_or(0)),
+                crate::common::human(v["added_bytes"].as_u64().unwrap_or(0)),
+                v["seconds"].as_f64().unwrap_or(0.0)
+            );
+            Ok(())
+        }
         PointCmd::List(a) => {
             let v = open_vault_config(&a.vault, &a.secret)?;
             let mut out = Vec::new();
