@@ -76,9 +76,14 @@ pub struct VolumeConfig {
     pub name: String,
     /// Raw image or block device.
     pub path: PathBuf,
-    /// `splitter` (every write through the agent's NBD export).
+    /// `splitter` (every write through the agent's NBD or FUSE export,
+    /// RPO seconds) or `scan` (the volume is compared by hash on a schedule
+    /// and only changed chunks travel, RPO minutes; works on anything).
     #[serde(default = "default_mode")]
     pub mode: String,
+    /// `scan` mode: how often (e.g. "5m").
+    #[serde(default)]
+    pub interval: Option<String>,
     /// Unix socket of the NBD export.
     pub nbd_socket: Option<PathBuf>,
     /// TCP address of the NBD export.
@@ -137,13 +142,30 @@ impl AgentConfig {
                 if !seen.insert((i.name.clone(), v.name.clone())) {
                     bail!("volume {}/{} is listed twice", i.name, v.name);
                 }
-                if v.mode != "splitter" {
-                    bail!(
-                        "volume {}/{}: mode {:?} is not supported (use \"splitter\")",
+                match v.mode.as_str() {
+                    "splitter" => {}
+                    "scan" => {
+                        let iv = v.interval.as_deref().with_context(|| {
+                            format!(
+                                "volume {}/{}: scan mode needs interval = \"5m\" (or similar)",
+                                i.name, v.name
+                            )
+                        })?;
+                        crate::throttle::parse_duration(iv)
+                            .with_context(|| format!("volume {}/{}: interval", i.name, v.name))?;
+                        if v.nbd_socket.is_some()
+                            || v.nbd_listen.is_some()
+                            || v.fuse_mount.is_some()
+                        {
+                            bail!("volume {}/{}: scan mode serves nothing (drop nbd_socket/nbd_listen/fuse_mount, or use splitter)", i.name, v.name);
+                        }
+                        continue;
+                    }
+                    m => bail!(
+                        "volume {}/{}: mode {m:?} is not supported (use \"splitter\" or \"scan\")",
                         i.name,
-                        v.name,
-                        v.mode
-                    );
+                        v.name
+                    ),
                 }
                 if v.nbd_socket.is_none() && v.nbd_listen.is_none() && v.fuse_mount.is_none() {
                     bail!(
@@ -292,9 +314,10 @@ fn start_volume(
     v: &VolumeConfig,
     opts: &ShipOptions,
 ) -> Result<Running> {
+    let scan = v.mode == "scan";
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(!scan)
         .open(&v.path)
         .with_context(|| format!("cannot open {}", v.path.display()))?;
     let size = volume_size(&file)?;
@@ -309,7 +332,7 @@ fn start_volume(
         &v.name,
         file.try_clone()?,
         size,
-        false,
+        scan,
         Some(journal.clone()),
         Some(dirty.clone()),
     ));
@@ -377,7 +400,21 @@ fn start_volume(
     });
     let status = Arc::new(ShipStatus::default());
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(ship_forever(src, opts.clone(), status.clone(), stop_rx));
+    let mut opts = opts.clone();
+    if scan {
+        opts.scan_interval = v
+            .interval
+            .as_deref()
+            .map(crate::throttle::parse_duration)
+            .transpose()?;
+        tracing::info!(
+            "{item}/{}: scan export at {} every {}",
+            v.name,
+            v.path.display(),
+            v.interval.as_deref().unwrap_or("?")
+        );
+    }
+    let task = tokio::spawn(ship_forever(src, opts, status.clone(), stop_rx));
     Ok(Running {
         cfg: v.clone(),
         status,
@@ -482,6 +519,7 @@ pub async fn run(
             batch_max: 4 << 20,
             window: 64 << 20,
             control: Some(control_tx.clone()),
+            scan_interval: None,
         })
     };
     let mut running: HashMap<(String, String), Running> = HashMap::new();

@@ -68,6 +68,8 @@ pub struct ShipOptions {
     /// Where app-consistent cut requests from the server go (the agent runs
     /// the item's hooks and answers through [`ShipStatus::outbox`]).
     pub control: Option<mpsc::UnboundedSender<QuiesceRequest>>,
+    /// `scan` mode: no splitter; a full pass compared by hash this often.
+    pub scan_interval: Option<Duration>,
 }
 
 /// The server asks for an app-consistent cut of `item` at `cut_id`.
@@ -333,8 +335,17 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let started = Instant::now();
     let mut pass_started: Option<Instant> = None;
+    let mut next_scan = Instant::now();
+    let mut last_scan: Option<Instant> = None;
     let result: Result<()> = async {
         loop {
+            // scan mode: a full compare by hash on schedule
+            if let Some(iv) = opts.scan_interval {
+                if Instant::now() >= next_scan {
+                    need_full = true;
+                    next_scan = Instant::now() + iv;
+                }
+            }
             // a gap (dropped journal), pending dirty chunks, or no initial sync: a pass
             let gap = src.journal.oldest() > cursor.next_seq();
             if need_full || gap || src.dirty.pending() > 0 {
@@ -343,9 +354,12 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 } else {
                     VolumeState::Resyncing
                 });
-                pass_started.get_or_insert_with(Instant::now);
+                let began = *pass_started.get_or_insert_with(Instant::now);
                 run_pass(src, opts, status, &mut w, &mut ev_rx, &mut cursor, need_full, &mut ack_rx)
                     .await?;
+                if need_full && opts.scan_interval.is_some() {
+                    last_scan = Some(began);
+                }
                 need_full = false;
                 pass_started = None;
                 sent_seq = cursor.next_seq() - 1;
@@ -383,7 +397,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             // health, four times a second
             if last_status.elapsed() >= Duration::from_millis(250) {
                 last_status = Instant::now();
-                update_rpo(src, status, started, pass_started);
+                update_rpo(src, status, started, pass_started, opts.scan_interval.map(|_| last_scan));
                 send_status(&mut w, src, status).await?;
             }
             if recs.is_empty() {
@@ -443,10 +457,21 @@ async fn check_overflow(
     Ok(true)
 }
 
-fn update_rpo(src: &Source, status: &ShipStatus, started: Instant, pass_started: Option<Instant>) {
+/// RPO: the age of the oldest write the recovery site may lack. Splitter:
+/// the oldest unacknowledged record (or the running pass); scan: the start
+/// of the last completed scan (writes since may be missing).
+fn update_rpo(
+    src: &Source,
+    status: &ShipStatus,
+    started: Instant,
+    pass_started: Option<Instant>,
+    scan: Option<Option<Instant>>,
+) {
     let acked = status.acked.load(Ordering::Relaxed);
     let committed = src.journal.committed();
-    let rpo = if let Some(p) = pass_started {
+    let rpo = if let Some(last) = scan {
+        last.unwrap_or(started).elapsed()
+    } else if let Some(p) = pass_started {
         p.elapsed()
     } else if committed > acked {
         src.journal
@@ -557,9 +582,11 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         tokio::task::spawn_blocking(move || lifeboat_capture::extents::data_extents(&f, size))
             .await??
     };
+    // extents are sorted and disjoint: the first one ending past s decides
     let in_data = |c: u64| {
         let (s, e) = (c * cs, ((c + 1) * cs).min(src.size));
-        extents.iter().any(|r| r.start < e && r.end > s)
+        let i = extents.partition_point(|r| r.end <= s);
+        extents.get(i).is_some_and(|r| r.start < e)
     };
     for group in chunks.chunks(MAX_HASHES.min(512)) {
         // read and hash (data chunks only; holes hash as zero unread)

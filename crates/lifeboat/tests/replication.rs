@@ -419,3 +419,36 @@ fn app_consistent_points_run_the_agents_hooks_around_the_cut() {
     s.qemu_io(&["write -P 0x43 5M 64k".into()]);
     s.converge();
 }
+
+#[test]
+fn scan_mode_ships_only_the_chunks_that_changed() {
+    let d = tempfile::tempdir().unwrap();
+    let vol = Vol {
+        size: "64M",
+        data: "16M",
+        frontend: ["--scan-every", "1s"],
+    };
+    let s = Sites::with(d.path(), "8GiB", &vol);
+    let first = s.converge();
+    let received = first["resync_chunks_received"].as_u64().unwrap();
+    assert_eq!(received, 256, "{first}");
+    // the workload writes the image directly (no splitter in scan mode)
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&s.src)
+            .unwrap();
+        for (i, off) in [0u64, 20 << 20, 63 << 20].into_iter().enumerate() {
+            f.write_all_at(&[i as u8 + 1; 1000], off + 100).unwrap();
+        }
+    }
+    let st = s.converge();
+    let more = st["resync_chunks_received"].as_u64().unwrap() - received;
+    assert_eq!(more, 3, "only the 3 changed chunks travel: {st}");
+    let out = ok(lb(
+        d.path(),
+        &["agent", "config", "show", "--config", "agent.toml"],
+    ));
+    assert!(out.contains("mode = \"scan\""), "{out}");
+}

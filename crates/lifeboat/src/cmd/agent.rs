@@ -80,6 +80,10 @@ pub struct ProtectArgs {
     /// Mount a FUSE single-file export of it in this directory (loop-mount DIR/NAME)
     #[arg(long, value_name = "DIR")]
     pub fuse_mount: Option<PathBuf>,
+    /// Scan mode instead of the splitter: compare the volume by hash this
+    /// often (e.g. 5m) and ship changed chunks; serves nothing
+    #[arg(long, value_name = "INTERVAL", conflicts_with_all = ["nbd_socket", "nbd_listen", "fuse_mount"])]
+    pub scan_every: Option<String>,
     /// Item hook run before an app-consistent cut (e.g. 'fsfreeze -f /srv/db')
     #[arg(long, value_name = "CMD")]
     pub freeze: Option<String>,
@@ -168,7 +172,13 @@ pub fn protect(a: ProtectArgs) -> Result<()> {
     let v = VolumeConfig {
         name: name.to_string(),
         path: PathBuf::from(path),
-        mode: "splitter".into(),
+        mode: if a.scan_every.is_some() {
+            "scan"
+        } else {
+            "splitter"
+        }
+        .into(),
+        interval: a.scan_every.clone(),
         nbd_socket: a.nbd_socket,
         nbd_listen: a.nbd_listen,
         fuse_mount: a.fuse_mount,

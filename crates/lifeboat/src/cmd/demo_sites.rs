@@ -128,6 +128,7 @@ pub fn run(
         batch_max: 4 << 20,
         window: 64 << 20,
         control: None,
+        scan_interval: None,
     };
     let ship_status = Arc::new(ShipStatus::default());
     let (ship_stop, ship_stop_rx) = tokio::sync::watch::channel(false);
