@@ -49,7 +49,7 @@ pub fn ok(o: std::process::Output) -> String {
 }
 
 pub struct Proc {
-    child: Child,
+    pub child: Child,
 }
 
 impl Drop for Proc {
