@@ -128,6 +128,14 @@ impl DirtyMap {
             return Ok(false);
         }
         let mut bits = self.bits.lock().unwrap();
+        {
+            // in flight until `note` gives the record's sequence: a clearing
+            // pass in between must not clear these bits
+            let mut t = self.track.lock().unwrap();
+            for c in r.clone() {
+                t.last_seq[c as usize] = u64::MAX;
+            }
+        }
         let (mut lo, mut hi) = (usize::MAX, 0usize);
         let chunks = self.header.chunks();
         for c in r {

@@ -49,6 +49,11 @@ struct Inner {
     times: VecDeque<(u64, Instant)>,
     /// Bytes changed by records since open (writes, zeroing, trims).
     changed: u64,
+    /// Records up to this sequence are durable in the journal.
+    synced: u64,
+    /// Every record at or below this sequence left the journal after the
+    /// recovery site acknowledged it (persisted in `journal.floor`).
+    floor: u64,
 }
 
 fn segment_name(first: u64) -> String {
@@ -98,8 +103,10 @@ impl Journal {
                         bytes.len() - seg.valid_len
                     );
                     f.set_len(seg.valid_len as u64)?;
-                    f.sync_all()?;
                 }
+                // what survived is durable from now on (records are shipped
+                // only once durable)
+                f.sync_all()?;
                 (f, seg.valid_len as u64, next)
             }
             None => {
@@ -129,6 +136,8 @@ impl Journal {
                 bytes,
                 times: VecDeque::new(),
                 changed: 0,
+                synced: next_seq - 1,
+                floor: read_floor(dir)?,
             }),
         })
     }
@@ -145,6 +154,51 @@ impl Journal {
     /// The last sequence number whose record is complete (0 if none).
     pub fn committed(&self) -> u64 {
         self.inner.lock().unwrap().next_seq - 1
+    }
+
+    /// The last sequence number durable in the journal: only records up to
+    /// it are shipped (a power loss may cut what is not).
+    pub fn durable(&self) -> u64 {
+        self.inner.lock().unwrap().synced
+    }
+
+    /// Make every committed record durable; returns the durable sequence.
+    ///
+    /// # Errors
+    /// I/O errors syncing.
+    pub fn sync_committed(&self) -> io::Result<u64> {
+        let (c, f) = {
+            let g = self.inner.lock().unwrap();
+            if g.synced + 1 >= g.next_seq {
+                return Ok(g.synced);
+            }
+            (g.next_seq - 1, g.file.try_clone()?)
+        };
+        f.sync_data()?;
+        let mut g = self.inner.lock().unwrap();
+        g.synced = g.synced.max(c);
+        Ok(g.synced)
+    }
+
+    /// Records at or below this sequence were removed after the recovery
+    /// site acknowledged them: a recovery site that reports less lost data
+    /// it had acknowledged and needs a full compare.
+    pub fn floor(&self) -> u64 {
+        self.inner.lock().unwrap().floor
+    }
+
+    fn set_floor(&self, g: &mut Inner, v: u64) -> io::Result<()> {
+        if v <= g.floor {
+            return Ok(());
+        }
+        let tmp = self.dir.join("journal.floor.partial");
+        let mut f = File::create(&tmp)?;
+        f.write_all(v.to_string().as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join("journal.floor"))?;
+        File::open(&self.dir)?.sync_all()?;
+        g.floor = v;
+        Ok(())
     }
 
     /// The oldest sequence number still in the journal (the next one when
@@ -189,6 +243,7 @@ impl Journal {
                 break;
             }
             let len = fs::metadata(&w[0])?.len();
+            self.set_floor(&mut g, next_first - 1)?;
             fs::remove_file(&w[0])?;
             g.bytes = g.bytes.saturating_sub(len);
             g.oldest = next_first;
@@ -209,18 +264,30 @@ impl Journal {
     /// I/O errors.
     pub fn drop_unshipped<F: FnOnce(u64) -> io::Result<()>>(
         &self,
+        acked: u64,
         under_lock: F,
     ) -> io::Result<u64> {
         let mut g = self.inner.lock().unwrap();
         under_lock(g.next_seq)?;
-        for p in segments(&self.dir)? {
-            fs::remove_file(&p)?;
-        }
+        self.set_floor(&mut g, acked)?;
         let next = g.next_seq;
-        g.file = Self::new_segment(&self.dir, next)?;
-        g.len = SEGMENT_HEADER_LEN as u64;
+        // the new segment first, so a crash never leaves no segment (and
+        // sequence numbers never restart)
+        let name = self.dir.join(segment_name(next));
+        if !name.exists() {
+            g.file.sync_data()?;
+            g.file = Self::new_segment(&self.dir, next)?;
+            g.len = SEGMENT_HEADER_LEN as u64;
+        }
+        for p in segments(&self.dir)? {
+            if p != name {
+                fs::remove_file(&p)?;
+            }
+        }
+        File::open(&self.dir)?.sync_all()?;
         g.bytes = g.len;
         g.oldest = next;
+        g.synced = next - 1;
         g.times.clear();
         Ok(next)
     }
@@ -260,6 +327,7 @@ impl Journal {
         let seq = self.append(&mut g, kind, offset, len, data, apply)?;
         if kind == RecordKind::Barrier {
             g.file.sync_data()?;
+            g.synced = seq;
         }
         Ok(seq)
     }
@@ -275,6 +343,7 @@ impl Journal {
     ) -> io::Result<u64> {
         if g.len >= SEGMENT_MAX {
             g.file.sync_data()?;
+            g.synced = g.next_seq - 1;
             let f = Self::new_segment(&self.dir, g.next_seq)?;
             g.file = f;
             g.len = SEGMENT_HEADER_LEN as u64;
@@ -330,6 +399,17 @@ fn first_of(p: &Path) -> io::Result<u64> {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     File::open(p)?.read_exact_at(&mut h, 0)?;
     segment_first_seq(&h).map_err(|e| bad(p, e))
+}
+
+fn read_floor(dir: &Path) -> io::Result<u64> {
+    match fs::read_to_string(dir.join("journal.floor")) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| bad(&dir.join("journal.floor"), "not a sequence number")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// The journal's identity, made on first use (16 random bytes in `journal.id`).
@@ -416,7 +496,7 @@ impl Cursor {
         journal: &Journal,
         max_bytes: usize,
     ) -> Result<Vec<OwnedRecord>, CursorError> {
-        let committed = journal.committed();
+        let committed = journal.durable();
         let mut out = Vec::new();
         let mut used = 0usize;
         while self.next <= committed && used < max_bytes {
@@ -635,5 +715,49 @@ mod tests {
         let all = read_all(d.path()).unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].data, b"b");
+    }
+
+    #[test]
+    fn a_cursor_ships_only_durable_records_and_trim_and_drop_keep_a_floor() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        for i in 0..5u8 {
+            j.record(RecordKind::Write, i as u64, 1, &[i], |_| Ok(()))
+                .unwrap();
+        }
+        let mut c = Cursor::new(1);
+        assert!(
+            c.read(&j, 1 << 20).unwrap().is_empty(),
+            "nothing durable yet"
+        );
+        assert_eq!(j.sync_committed().unwrap(), 5);
+        let r = c.read(&j, 1 << 20).unwrap();
+        assert_eq!(
+            r.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        // a barrier is durable at once
+        j.barrier(|| Ok(())).unwrap();
+        assert_eq!(c.read(&j, 1 << 20).unwrap()[0].seq, 6);
+        // overflow: everything goes, the floor records what was acknowledged
+        let x = j.drop_unshipped(3, |_| Ok(())).unwrap();
+        assert_eq!(x, 7);
+        assert_eq!(j.oldest(), 7);
+        assert_eq!(j.floor(), 3);
+        assert!(matches!(
+            Cursor::new(4).read(&j, 1 << 20),
+            Err(CursorError::Gap {
+                wanted: 4,
+                oldest: 7
+            })
+        ));
+        j.record(RecordKind::Write, 0, 1, b"z", |_| Ok(())).unwrap();
+        drop(j);
+        // sequence numbers go on after a restart; the floor persists
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.committed(), 7);
+        assert_eq!(j.durable(), 7, "what survived a restart is durable");
+        assert_eq!(j.floor(), 3);
+        assert_ne!(j.id(), [0; 16]);
     }
 }

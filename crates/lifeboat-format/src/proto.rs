@@ -158,9 +158,12 @@ pub enum Frame {
     Want {
         chunks: Vec<u64>,
     },
-    /// agent → server: the pass is over; the next record is `x`.
+    /// agent → server: the pass is over; the next record is `x`; the
+    /// replica is consistent again once records up to `settle` are applied
+    /// (chunks were read after `x`).
     ResyncEnd {
         x: u64,
+        settle: u64,
     },
     /// server → agent: everything up to `seq` is durable in the replica.
     Ack {
@@ -324,9 +327,10 @@ impl Frame {
                     v.extend_from_slice(&c.to_le_bytes());
                 }
             }
-            Frame::ResyncEnd { x } => {
+            Frame::ResyncEnd { x, settle } => {
                 v.push(T_RESYNC_END);
                 v.extend_from_slice(&x.to_le_bytes());
+                v.extend_from_slice(&settle.to_le_bytes());
             }
             Frame::Ack { seq, resync_done } => {
                 v.push(T_ACK);
@@ -491,7 +495,10 @@ impl Frame {
                 }
                 Frame::Want { chunks }
             }
-            T_RESYNC_END => Frame::ResyncEnd { x: r.u64()? },
+            T_RESYNC_END => Frame::ResyncEnd {
+                x: r.u64()?,
+                settle: r.u64()?,
+            },
             T_ACK => Frame::Ack {
                 seq: r.u64()?,
                 resync_done: r.u8()? != 0,
@@ -658,7 +665,7 @@ mod tests {
             chunks: vec![(2, [1; 32]), (7, ZERO_HASH)],
         });
         roundtrip(Frame::Want { chunks: vec![2, 9] });
-        roundtrip(Frame::ResyncEnd { x: 5 });
+        roundtrip(Frame::ResyncEnd { x: 5, settle: 9 });
         roundtrip(Frame::Ack {
             seq: 5,
             resync_done: false,

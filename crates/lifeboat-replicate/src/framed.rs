@@ -11,6 +11,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// # Errors
 /// I/O errors, a truncated frame, or bytes that are not a frame.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>> {
+    read_frame_max(r, usize::MAX).await
+}
+
+/// [`read_frame`] refusing frames longer than `max` bytes before reading
+/// them (for peers that have not authenticated yet).
+///
+/// # Errors
+/// As [`read_frame`], or a frame over `max`.
+pub async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>> {
     let mut p = [0u8; 4];
     match r.read_exact(&mut p).await {
         Ok(_) => {}
@@ -18,6 +27,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
         Err(e) => return Err(e.into()),
     }
     let n = Frame::body_len(p)?;
+    if n > max {
+        bail!("a {n}-byte frame from a peer that may send at most {max} now");
+    }
     let mut b = vec![0u8; n];
     r.read_exact(&mut b)
         .await

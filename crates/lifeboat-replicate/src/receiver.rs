@@ -42,6 +42,16 @@ pub struct StreamState {
     /// No resync pass is half done.
     pub consistent: bool,
     pub journal_id: [u8; 16],
+    /// After a resync pass the replica is a crash state again only once
+    /// records up to here are applied (chunks were read later than `x`).
+    pub settle: u64,
+}
+
+impl StreamState {
+    /// A valid crash state of the source: synced, no pass half done, settled.
+    pub fn is_consistent(&self) -> bool {
+        self.synced && self.consistent && self.applied_seq >= self.settle
+    }
 }
 
 /// Why a stream is ended.
@@ -93,6 +103,7 @@ pub struct Receiver {
     /// Stopped at this cut marker; `pending` holds the records after it.
     parked: Option<u64>,
     pending: Vec<lifeboat_format::proto::Rec>,
+    last_marker: u64,
     pub stats: ReceiveStats,
 }
 
@@ -113,6 +124,7 @@ impl Receiver {
                 synced: false,
                 consistent: st.consistent,
                 journal_id,
+                settle: 0,
             };
         }
         let welcome = Frame::Welcome {
@@ -129,6 +141,7 @@ impl Receiver {
                 park_at: None,
                 parked: None,
                 pending: Vec::new(),
+                last_marker: 0,
                 stats: ReceiveStats::default(),
             },
             welcome,
@@ -143,6 +156,11 @@ impl Receiver {
     /// `target` (None: do not stop).
     pub fn set_park(&mut self, target: Option<u64>) {
         self.park_at = target;
+    }
+
+    /// The last periodic cut marker applied (0: none yet).
+    pub fn last_marker(&self) -> u64 {
+        self.last_marker
     }
 
     /// The cut marker the stream stopped at, if it did.
@@ -167,7 +185,7 @@ impl Receiver {
 
     /// Whether the replica is a valid crash state now (a point may be cut).
     pub fn consistent(&self) -> bool {
-        self.st.synced && self.st.consistent && self.resync.is_none()
+        self.st.is_consistent() && self.resync.is_none()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), ReceiveError> {
@@ -240,6 +258,9 @@ impl Receiver {
             }
             self.stats.records += 1;
             self.st.applied_seq = r.seq;
+            if r.kind == RecKind::Barrier && r.offset != 0 && r.offset < (1 << 62) {
+                self.last_marker = self.last_marker.max(r.offset);
+            }
             // a consistency-group cut marker the server waits for
             if r.kind == RecKind::Barrier
                 && r.offset != 0
@@ -282,7 +303,12 @@ impl Receiver {
                 if self.resync.is_some() {
                     return Err(ReceiveError::Protocol("resync pass already open".into()));
                 }
-                if x <= self.st.applied_seq && self.st.synced {
+                if x == 0 {
+                    return Err(ReceiveError::Protocol("resync to seq 0".into()));
+                }
+                // a full pass may move the position back (the agent's
+                // journal is behind this replica); a dirty pass may not
+                if !full && x <= self.st.applied_seq {
                     return Err(ReceiveError::Protocol(format!(
                         "resync to {x} is behind the replica ({})",
                         self.st.applied_seq
@@ -328,7 +354,7 @@ impl Receiver {
                 }
                 Ok(vec![Frame::Want { chunks: want }])
             }
-            Frame::ResyncEnd { x } => {
+            Frame::ResyncEnd { x, settle } => {
                 let Some(open) = self.resync.take() else {
                     return Err(ReceiveError::Protocol("resync end without a begin".into()));
                 };
@@ -341,6 +367,7 @@ impl Receiver {
                 self.st.applied_seq = x - 1;
                 self.st.synced = true;
                 self.st.consistent = true;
+                self.st.settle = settle;
                 Ok(vec![self.ack(io, true)?])
             }
             Frame::Ping { t } => Ok(vec![Frame::Pong { t }]),
@@ -433,6 +460,7 @@ mod tests {
             synced: false,
             consistent: true,
             journal_id: [0; 16],
+            settle: 0,
         }
     }
 
@@ -486,7 +514,9 @@ mod tests {
         let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16]).0;
         assert!(!r2.consistent(), "a half-done pass is not consistent");
         // the real stream goes on
-        let out = r.on_frame(Frame::ResyncEnd { x: 3 }, &mut io).unwrap();
+        let out = r
+            .on_frame(Frame::ResyncEnd { x: 3, settle: 2 }, &mut io)
+            .unwrap();
         assert_eq!(
             out,
             vec![Frame::Ack {
@@ -533,6 +563,7 @@ mod tests {
             synced: true,
             consistent: true,
             journal_id: [1; 16],
+            settle: 0,
         };
         let (_, w1) = Receiver::new(st.clone(), 10, 4096, [1; 16]);
         assert_eq!(
@@ -564,6 +595,7 @@ mod tests {
             synced: true,
             consistent: true,
             journal_id: [1; 16],
+            settle: 0,
         };
         let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16]);
         let cut = |seq, id| Rec {

@@ -329,7 +329,21 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         Ok::<(), anyhow::Error>(())
     });
 
-    let mut need_full = !synced;
+    // a recovery site that lacks records this journal already removed after
+    // acknowledgement (its state was restored from an older copy), or that
+    // is ahead of this journal, can only be brought back by a full compare
+    let mut need_full =
+        !synced || applied < src.journal.floor() || applied > src.journal.committed();
+    if synced && need_full {
+        tracing::warn!(
+            "{}/{}: the recovery site holds seq {applied}, this journal {}..{} (floor {}): a full compare follows",
+            src.item,
+            src.volume,
+            src.journal.oldest(),
+            src.journal.committed(),
+            src.journal.floor()
+        );
+    }
     let mut cursor = Cursor::new(applied + 1);
     let mut sent_seq = applied;
     let mut last_status = Instant::now() - Duration::from_secs(10);
@@ -379,6 +393,11 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             let mut c = std::mem::replace(&mut cursor, Cursor::new(0));
             let max = opts.batch_max;
             let (c, recs) = tokio::task::spawn_blocking(move || {
+                // only durable records leave: a power loss never takes back
+                // a record the recovery site holds
+                if let Err(e) = j.sync_committed() {
+                    return (c, Err(CursorError::Io(e)));
+                }
                 let r = c.read(&j, max);
                 (c, r)
             })
@@ -386,7 +405,18 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             cursor = c;
             let recs = match recs {
                 Ok(r) => r,
-                Err(CursorError::Gap { .. }) => continue,
+                Err(CursorError::Gap { wanted, oldest }) => {
+                    if oldest <= wanted {
+                        // a missing or damaged segment, not a drop
+                        tracing::error!(
+                            "{}/{}: the journal cannot be read at seq {wanted}: a full compare follows",
+                            src.item,
+                            src.volume
+                        );
+                        need_full = true;
+                    }
+                    continue;
+                }
                 Err(CursorError::Io(e)) => return Err(e).context("reading the journal"),
             };
             // answers to the server's requests
@@ -445,7 +475,7 @@ async fn check_overflow(
     let acked = status.acked.load(Ordering::Relaxed);
     let (j, d) = (src.journal.clone(), src.dirty.clone());
     let x = tokio::task::spawn_blocking(move || {
-        j.drop_unshipped(|_| d.flag_unacked(acked).map(|_| ()))
+        j.drop_unshipped(acked, |_| d.flag_unacked(acked).map(|_| ()))
     })
     .await??;
     tracing::warn!(
@@ -491,6 +521,13 @@ async fn send_status<W: AsyncWrite + Unpin>(
     src: &Source,
     status: &ShipStatus,
 ) -> Result<()> {
+    w.send(&Frame::Ping {
+        t: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    })
+    .await?;
     let f = Frame::Status {
         state: status.state().unwrap_or(VolumeState::Protected),
         rpo_ms: status.rpo_ms.load(Ordering::Relaxed),
@@ -589,6 +626,8 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         extents.get(i).is_some_and(|r| r.start < e)
     };
     for group in chunks.chunks(MAX_HASHES.min(512)) {
+        // keep the journal bounded during long passes too
+        check_overflow(src, opts, status).await?;
         // read and hash (data chunks only; holes hash as zero unread)
         let f = src.file.clone();
         let size = src.size;
@@ -640,7 +679,10 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         }
         status.resync_bytes.fetch_add(nbytes, Ordering::Relaxed);
     }
-    w.send(&Frame::ResyncEnd { x }).await?;
+    // the chunks were read at or after these records: the replica is a
+    // crash state again only once it has applied up to `settle`
+    let settle = src.journal.committed();
+    w.send(&Frame::ResyncEnd { x, settle }).await?;
     match tokio::time::timeout(Duration::from_secs(120), ev.recv()).await {
         Ok(Some(Event::ResyncAcked)) => {}
         Ok(Some(Event::Want(_))) => bail!("unexpected want"),

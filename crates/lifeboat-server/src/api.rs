@@ -105,11 +105,9 @@ pub fn status_of(st: &State) -> anyhow::Result<Status> {
     let mut out = Vec::new();
     for r in rows {
         let live = vols.get(&(r.item.clone(), r.volume.clone()));
-        let (applied, consistent) = match live {
-            Some(l) => {
-                let g = l.replica.lock().unwrap();
-                (g.applied_seq, g.consistent)
-            }
+        // try_lock: a point cut holds the replica while it scans
+        let (applied, consistent) = match live.and_then(|l| l.replica.try_lock().ok()) {
+            Some(g) => (g.applied_seq, g.consistent),
             None => (r.applied_seq, r.synced && r.consistent),
         };
         let connected = live.is_some_and(|l| l.connected);

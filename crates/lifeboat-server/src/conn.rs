@@ -40,7 +40,14 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
         .and_then(|c| c.first())
         .map(|c| fingerprint(c));
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let first = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd)).await {
+    // before authentication only small frames (hello, enroll) are read
+    let first_max = if peer.is_some() { usize::MAX } else { 64 << 10 };
+    let first = match tokio::time::timeout(
+        Duration::from_secs(30),
+        lifeboat_replicate::framed::read_frame_max(&mut rd, first_max),
+    )
+    .await
+    {
         Err(_) => bail!("no first frame within 30 s"),
         Ok(Err(e)) => {
             let _ = write_frame(&mut wr, &err(code::PROTOCOL, format!("{e:#}"))).await;
@@ -219,6 +226,17 @@ where
         .replica_dir(&st.dir)
         .join(&item)
         .join(format!("{volume}.img"));
+    // a volume belongs to the agent that first replicated it (until that
+    // agent is revoked): another agent must not overwrite its replica
+    if let Some(owner) = st.db.volume_owner(&item, &volume)? {
+        if owner != agent_id && !st.db.is_revoked(&owner)? {
+            let m = format!(
+                "{item}/{volume} is replicated by agent {owner}; revoke it first to move the volume to {agent_id}"
+            );
+            let _ = write_frame(wr, &err(code::REFUSED, m.clone())).await;
+            bail!("{m}");
+        }
+    }
     let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Frame>();
     // one stream per volume
     let claimed: std::result::Result<Arc<Mutex<Replica>>, (u16, String)> = (|| {
@@ -410,6 +428,7 @@ where
             };
             let out = rx.on_frame(f, &mut io);
             r.parked_at = rx.parked();
+            r.last_marker = rx.last_marker();
             out
         });
         {
@@ -437,11 +456,16 @@ where
         // parked at a consistency-group cut marker: hold the stream (and,
         // through TCP, the agent) until the point is cut
         if rx.parked().is_some() {
+            // (try_lock: a point cut holds the lock while it scans, and
+            // blocking here would stall a runtime worker)
             let t = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                let released = replica.lock().unwrap().park_target.is_none();
-                if released || t.elapsed() > Duration::from_secs(20) {
+                let released = match replica.try_lock() {
+                    Ok(r) => r.park_target.is_none(),
+                    Err(_) => false,
+                };
+                if released || t.elapsed() > Duration::from_secs(300) {
                     break;
                 }
             }

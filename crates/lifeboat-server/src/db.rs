@@ -27,6 +27,8 @@ CREATE TABLE volumes(item TEXT NOT NULL, volume TEXT NOT NULL, agent TEXT NOT NU
   PRIMARY KEY(item, volume));
 CREATE TABLE points(id TEXT PRIMARY KEY, item TEXT NOT NULL, time INTEGER NOT NULL,
   kind TEXT NOT NULL, journal_seq INTEGER, data_bytes INTEGER NOT NULL, added_bytes INTEGER NOT NULL);
+", "
+ALTER TABLE volumes ADD COLUMN settle INTEGER NOT NULL DEFAULT 0;
 "];
 
 pub struct Db {
@@ -207,6 +209,20 @@ impl Db {
         Ok(!matches!(r, Some(None)))
     }
 
+    /// The agent a volume belongs to, if it is known.
+    pub fn volume_owner(&self, item: &str, volume: &str) -> Result<Option<String>> {
+        Ok(self
+            .c
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT agent FROM volumes WHERE item = ?1 AND volume = ?2",
+                [item, volume],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// The volume's row, created if new.
     pub fn volume(
         &self,
@@ -258,23 +274,24 @@ impl Db {
 
     pub fn stream_state(&self, item: &str, volume: &str) -> Result<StreamState> {
         let c = self.c.lock().unwrap();
-        let (applied, synced, consistent, jid): (i64, bool, bool, Vec<u8>) = c.query_row(
-            "SELECT applied_seq, synced, consistent, journal_id FROM volumes WHERE item = ?1 AND volume = ?2",
+        let (applied, synced, consistent, jid, settle): (i64, bool, bool, Vec<u8>, i64) = c.query_row(
+            "SELECT applied_seq, synced, consistent, journal_id, settle FROM volumes WHERE item = ?1 AND volume = ?2",
             [item, volume],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )?;
         Ok(StreamState {
             applied_seq: applied as u64,
             synced,
             consistent,
             journal_id: jid.try_into().unwrap_or([0; 16]),
+            settle: settle as u64,
         })
     }
 
     pub fn save_stream_state(&self, item: &str, volume: &str, st: &StreamState) -> Result<()> {
         self.c.lock().unwrap().execute(
-            "UPDATE volumes SET applied_seq = ?3, synced = ?4, consistent = ?5, journal_id = ?6 WHERE item = ?1 AND volume = ?2",
-            params![item, volume, st.applied_seq as i64, st.synced, st.consistent, st.journal_id.to_vec()],
+            "UPDATE volumes SET applied_seq = ?3, synced = ?4, consistent = ?5, journal_id = ?6, settle = ?7 WHERE item = ?1 AND volume = ?2",
+            params![item, volume, st.applied_seq as i64, st.synced, st.consistent, st.journal_id.to_vec(), st.settle as i64],
         )?;
         Ok(())
     }
@@ -350,6 +367,7 @@ mod tests {
             synced: true,
             consistent: true,
             journal_id: [3; 16],
+            settle: 4,
         };
         db.save_stream_state("db", "disk0", &st).unwrap();
         drop(db);

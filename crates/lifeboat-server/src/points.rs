@@ -65,27 +65,34 @@ pub async fn cut(
         bail!("no replicated item named {item:?}");
     }
     // a consistency group (or an app-consistent cut): stop every volume's
-    // stream at the same cut marker
+    // stream at the same cut marker; the streams go on when `_parked` drops
     let group = reps.len() >= 2 || app;
     let mut cut_marker = None;
+    let _parked = group.then(|| Parked(reps.iter().map(|r| r.1.clone()).collect()));
     if group {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1);
-        // app-consistent markers live above every periodic one
-        let target = if app { APP_CUT | millis } else { millis };
+        let target = if app {
+            // app-consistent markers live above every periodic one; the
+            // agent appends exactly this id
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(1);
+            APP_CUT | millis
+        } else {
+            // the next periodic marker after any a stream has applied (the
+            // agent's clock names them; ours does not matter)
+            reps.iter()
+                .map(|(_, r)| r.lock().unwrap().last_marker)
+                .max()
+                .unwrap_or(0)
+                + 1
+        };
         for (_, r) in &reps {
             let mut g = r.lock().unwrap();
             g.park_target = Some(target);
             g.parked_at = None;
         }
         let t = Instant::now();
-        let release = |reps: &[(String, Arc<std::sync::Mutex<crate::replica::Replica>>)]| {
-            for (_, r) in reps {
-                r.lock().unwrap().park_target = None;
-            }
-        };
         if app {
             // ask the agent: freeze hook, marker in every journal, thaw hook
             let ctl = {
@@ -101,14 +108,13 @@ pub async fn cut(
             };
             let sent = ctl.is_some_and(|c| c.send(Frame::Quiesce { cut_id: target }).is_ok());
             if !sent {
-                release(&reps);
                 bail!("{item}: the agent is not connected; no app-consistent point");
             }
         }
         let limit = if app {
             Duration::from_secs(90)
         } else {
-            Duration::from_secs(10)
+            Duration::from_secs(30)
         };
         loop {
             if app {
@@ -123,7 +129,6 @@ pub async fn cut(
                         _ => None,
                     });
                 if let Some(m) = failed {
-                    release(&reps);
                     bail!("{item}: the agent could not take an app-consistent cut: {m}");
                 }
             }
@@ -136,14 +141,12 @@ pub async fn cut(
                     cut_marker = at[0];
                     break;
                 }
-                release(&reps);
                 bail!(
                     "{item}: the volumes stopped at different cut markers {at:?}; no group point"
                 );
             }
             if t.elapsed() > limit {
-                release(&reps);
-                bail!("{item}: not every volume reached a consistency-group cut within 10 s (is the agent streaming all of them?)");
+                bail!("{item}: not every volume reached the cut marker within {} s (is the agent streaming all of them, and keeping up?)", limit.as_secs());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -151,12 +154,17 @@ pub async fn cut(
     let item = item.to_string();
     let tag = tag.map(str::to_string);
     let st2 = st.clone();
-    let reps_release = reps.clone();
+
     let r = tokio::task::spawn_blocking(move || -> Result<Option<Cut>> {
         let started = Instant::now();
         let mut guards = Vec::new();
         for (_, r) in &reps {
             guards.push(r.lock().unwrap());
+        }
+        if group && guards.iter().any(|g| g.parked_at != cut_marker) {
+            bail!(
+                "{item}: a stream left the cut marker before the point was taken; no group point"
+            );
         }
         if let Some((n, _)) = reps.iter().zip(&guards).find(|(_, g)| !g.consistent) {
             bail!(
@@ -260,16 +268,25 @@ pub async fn cut(
         Ok(Some(cut))
     })
     .await;
-    if group {
-        for (_, r) in &reps_release {
-            r.lock().unwrap().park_target = None;
-        }
-    }
     let cut = r??;
     if let (Some(c), Some(m)) = (&cut, cut_marker) {
         tracing::info!("{}: group point {} at cut marker {m}", c.item, c.id);
     }
     Ok(cut)
+}
+
+/// Clears the park targets of a cut's replicas when the cut ends, however
+/// it ends (an error, or its caller going away).
+struct Parked(Vec<Arc<std::sync::Mutex<crate::replica::Replica>>>);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            if let Ok(mut g) = r.lock() {
+                g.park_target = None;
+            }
+        }
+    }
 }
 
 /// Every second: smooth throughput figures, and cut a point of every item

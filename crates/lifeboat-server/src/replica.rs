@@ -30,6 +30,8 @@ pub struct Replica {
     pub park_target: Option<u64>,
     /// The cut marker the stream stopped at.
     pub parked_at: Option<u64>,
+    /// The last periodic cut marker applied.
+    pub last_marker: u64,
 }
 
 impl Replica {
@@ -71,6 +73,7 @@ impl Replica {
             changed: false,
             park_target: None,
             parked_at: None,
+            last_marker: 0,
         })
     }
 }
@@ -144,7 +147,7 @@ impl ReplicaIo for Io<'_> {
 
     fn persist(&mut self, st: &StreamState) -> io::Result<()> {
         self.replica.applied_seq = st.applied_seq;
-        self.replica.consistent = st.synced && st.consistent;
+        self.replica.consistent = st.is_consistent();
         self.db
             .save_stream_state(self.item, self.volume, st)
             .map_err(|e| io::Error::other(format!("state database: {e:#}")))

@@ -155,3 +155,32 @@ async fn bad_peers_are_refused_with_a_reason_and_change_nothing() {
     assert!(db.volumes().unwrap().is_empty());
     assert!(db.agents().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_stays_with_the_agent_that_replicates_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, _h) = server(d.path()).await;
+    let addr = b.listen.to_string();
+    let cfg = ServerConfig::load(d.path()).unwrap();
+    let ca = lifeboat_server::load_ca(d.path(), &cfg).unwrap();
+    let db = lifeboat_server::open_db(d.path()).unwrap();
+    let mut agents = Vec::new();
+    for name in ["a1", "a2"] {
+        let (c, k) = ca.issue_agent(name).unwrap();
+        db.add_agent(name, name, "primary", &tls::fingerprint(&c))
+            .unwrap();
+        agents.push(tls::agent_config(&ca.cert_der, &c, &k).unwrap());
+    }
+    let f = answer(&addr, agents[0].clone(), hello().encode()).await;
+    assert!(matches!(f, Some(Frame::Welcome { .. })), "{f:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let f = answer(&addr, agents[1].clone(), hello().encode()).await;
+    assert!(
+        matches!(&f, Some(Frame::Error { code: code::REFUSED, message }) if message.contains("replicated by agent a1")),
+        "{f:?}"
+    );
+    // once the owner is revoked, the volume may move
+    db.revoke("a1").unwrap();
+    let f = answer(&addr, agents[1].clone(), hello().encode()).await;
+    assert!(matches!(f, Some(Frame::Welcome { .. })), "{f:?}");
+}
