@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::framed::{read_frame, write_frame};
 use crate::shipper::{ship_forever, ShipOptions, ShipStatus, Source};
-use crate::throttle::{parse_rate, parse_size};
+use crate::throttle::parse_size;
 use crate::tls;
 
 /// Chunk size of the dirty map and of resync compares.
@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Limit on the wire, e.g. "80mbit" or "20MiB" (per second).
     pub bandwidth: Option<String>,
+    /// Other limits at certain times of day (local time), e.g.
+    /// `[{ from = "08:00", to = "18:00", rate = "20mbit" }]`.
+    pub bandwidth_windows: Vec<crate::throttle::Window>,
     /// Outage buffer per volume; beyond it the dirty map takes over.
     pub journal_max: String,
     #[serde(rename = "item")]
@@ -105,6 +108,7 @@ impl Default for AgentConfig {
             server: "127.0.0.1:7443".into(),
             state_dir: PathBuf::from(defaults::STATE_DIR),
             bandwidth: None,
+            bandwidth_windows: vec![],
             journal_max: defaults::JOURNAL_MAX.into(),
             items: vec![],
         }
@@ -133,9 +137,8 @@ impl AgentConfig {
     /// Bad sizes, rates, modes or duplicate names.
     pub fn validate(&self) -> Result<()> {
         parse_size(&self.journal_max).context("journal_max")?;
-        if let Some(b) = &self.bandwidth {
-            parse_rate(b).context("bandwidth")?;
-        }
+        crate::throttle::Schedule::parse(self.bandwidth.as_deref(), &self.bandwidth_windows)
+            .context("bandwidth")?;
         let mut seen = std::collections::HashSet::new();
         for i in &self.items {
             for v in &i.volumes {
@@ -514,7 +517,10 @@ pub async fn run(
         Ok(ShipOptions {
             server: cfg.server.clone(),
             tls: tls_cfg.clone(),
-            bandwidth: cfg.bandwidth.as_deref().map(parse_rate).transpose()?,
+            bandwidth: crate::throttle::Schedule::parse(
+                cfg.bandwidth.as_deref(),
+                &cfg.bandwidth_windows,
+            )?,
             journal_max: parse_size(&cfg.journal_max)?,
             batch_max: 4 << 20,
             window: 64 << 20,

@@ -58,7 +58,7 @@ pub struct ShipOptions {
     pub server: String,
     pub tls: Arc<rustls::ClientConfig>,
     /// Bytes per second on the wire (None: unlimited).
-    pub bandwidth: Option<u64>,
+    pub bandwidth: crate::throttle::Schedule,
     /// Journal bytes beyond which it is dropped and the dirty map takes over.
     pub journal_max: u64,
     /// Data bytes per batch.
@@ -211,7 +211,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
     let (mut rd, wr) = tokio::io::split(s);
     let mut w: Writer<WriteHalf<TlsStream<TcpStream>>> = Writer {
         w: wr,
-        throttle: Throttle::new(opts.bandwidth),
+        throttle: Throttle::new(opts.bandwidth.clone()),
         status: status.clone(),
     };
     w.send(&Frame::Hello {

@@ -5,17 +5,121 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-/// Paces writes to `rate` bytes per second (bursts of up to 1/4 s).
+/// A rate limit that may change with the time of day: `default` outside
+/// the windows, each window's rate inside it (local time, `from` inclusive,
+/// `to` exclusive; a window may wrap midnight, e.g. 22:00–06:00).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Schedule {
+    pub default: Option<u64>,
+    /// (from minute of day, to minute of day, bytes/s; None: unlimited)
+    pub windows: Vec<(u32, u32, Option<u64>)>,
+}
+
+/// One window of a bandwidth schedule as written in a config file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// "08:00"
+    pub from: String,
+    /// "18:00"
+    pub to: String,
+    /// "20mbit", "5MiB", or "unlimited"
+    pub rate: String,
+}
+
+fn parse_hhmm(s: &str) -> Result<u32> {
+    let (h, m) = s
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("time {s:?}: expected HH:MM"))?;
+    let (h, m): (u32, u32) = (
+        h.parse()
+            .map_err(|_| anyhow::anyhow!("time {s:?}: expected HH:MM"))?,
+        m.parse()
+            .map_err(|_| anyhow::anyhow!("time {s:?}: expected HH:MM"))?,
+    );
+    if h > 24 || m > 59 || (h == 24 && m != 0) {
+        bail!("time {s:?} is not a time of day");
+    }
+    Ok(h * 60 + m)
+}
+
+impl Schedule {
+    /// A fixed rate.
+    pub fn fixed(rate: Option<u64>) -> Schedule {
+        Schedule {
+            default: rate,
+            windows: vec![],
+        }
+    }
+
+    /// From a config's `bandwidth` and `bandwidth_windows`.
+    ///
+    /// # Errors
+    /// Bad rates or times.
+    pub fn parse(default: Option<&str>, windows: &[Window]) -> Result<Schedule> {
+        let rate = |s: &str| -> Result<Option<u64>> {
+            if s.trim() == "unlimited" {
+                Ok(None)
+            } else {
+                parse_rate(s).map(Some)
+            }
+        };
+        Ok(Schedule {
+            default: default.map(rate).transpose()?.flatten(),
+            windows: windows
+                .iter()
+                .map(|w| Ok((parse_hhmm(&w.from)?, parse_hhmm(&w.to)?, rate(&w.rate)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// The rate at minute `m` of the day.
+    pub fn rate_at(&self, m: u32) -> Option<u64> {
+        for (from, to, r) in &self.windows {
+            let inside = if from <= to {
+                (*from..*to).contains(&m)
+            } else {
+                m >= *from || m < *to
+            };
+            if inside {
+                return *r;
+            }
+        }
+        self.default
+    }
+
+    /// The rate now (local time).
+    pub fn rate_now(&self) -> Option<u64> {
+        if self.windows.is_empty() {
+            return self.default;
+        }
+        // SAFETY: time and localtime_r with valid pointers to locals.
+        let m = unsafe {
+            let t = libc::time(std::ptr::null_mut());
+            let mut tm: libc::tm = std::mem::zeroed();
+            libc::localtime_r(&t, &mut tm);
+            (tm.tm_hour * 60 + tm.tm_min) as u32
+        };
+        self.rate_at(m)
+    }
+}
+
+/// Paces writes to the schedule's rate (bursts of up to 1/4 s).
 pub struct Throttle {
+    schedule: Schedule,
     rate: Option<u64>,
+    checked: Instant,
     tokens: f64,
     last: Instant,
 }
 
 impl Throttle {
-    pub fn new(rate: Option<u64>) -> Throttle {
+    pub fn new(schedule: Schedule) -> Throttle {
         Throttle {
-            rate,
+            rate: schedule.rate_now(),
+            schedule,
+            checked: Instant::now(),
             tokens: 0.0,
             last: Instant::now(),
         }
@@ -23,6 +127,10 @@ impl Throttle {
 
     /// Wait until `n` bytes may go out.
     pub async fn take(&mut self, n: u64) {
+        if self.checked.elapsed() >= Duration::from_secs(10) {
+            self.checked = Instant::now();
+            self.rate = self.schedule.rate_now();
+        }
         let Some(rate) = self.rate else { return };
         let rate = rate as f64;
         let now = Instant::now();
@@ -141,9 +249,32 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 
+    #[test]
+    fn windows_pick_the_rate_of_the_time_of_day() {
+        let w = |f: &str, t: &str, r: &str| Window {
+            from: f.into(),
+            to: t.into(),
+            rate: r.into(),
+        };
+        let s = Schedule::parse(
+            Some("80mbit"),
+            &[
+                w("08:00", "18:00", "20mbit"),
+                w("22:00", "06:00", "unlimited"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.rate_at(9 * 60), Some(2_500_000));
+        assert_eq!(s.rate_at(18 * 60), Some(10_000_000));
+        assert_eq!(s.rate_at(23 * 60), None);
+        assert_eq!(s.rate_at(5 * 60 + 59), None);
+        assert!(Schedule::parse(None, &[w("25:00", "01:00", "1mbit")]).is_err());
+        assert!(Schedule::parse(None, &[w("8", "9", "1mbit")]).is_err());
+    }
+
     #[tokio::test]
     async fn the_bucket_paces_bytes() {
-        let mut t = Throttle::new(Some(1_000_000));
+        let mut t = Throttle::new(Schedule::fixed(Some(1_000_000)));
         let start = Instant::now();
         for _ in 0..10 {
             t.take(100_000).await; // 1 MB at 1 MB/s

@@ -123,7 +123,7 @@ pub fn run(
     let opts = ShipOptions {
         server: bound.listen.to_string(),
         tls: lifeboat_replicate::tls::agent_config(&creds.ca, &creds.cert, &creds.key)?,
-        bandwidth: None,
+        bandwidth: lifeboat_replicate::throttle::Schedule::fixed(None),
         journal_max: 1 << 30,
         batch_max: 4 << 20,
         window: 64 << 20,
