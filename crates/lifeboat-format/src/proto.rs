@@ -180,6 +180,11 @@ pub enum Frame {
         resync_bytes: u64,
         /// Bytes the workload changed since the agent started.
         written_bytes: u64,
+        /// A resync pass (initial sync) in progress: data bytes it covers,
+        /// bytes compared so far, estimated ms to go (all 0 outside passes).
+        pass_total_bytes: u64,
+        pass_done_bytes: u64,
+        pass_eta_ms: u64,
     },
     Ping {
         t: u64,
@@ -345,6 +350,9 @@ impl Frame {
                 sent_bytes,
                 resync_bytes,
                 written_bytes,
+                pass_total_bytes,
+                pass_done_bytes,
+                pass_eta_ms,
             } => {
                 v.push(T_STATUS);
                 v.push(*state as u8);
@@ -355,6 +363,9 @@ impl Frame {
                     sent_bytes,
                     resync_bytes,
                     written_bytes,
+                    pass_total_bytes,
+                    pass_done_bytes,
+                    pass_eta_ms,
                 ] {
                     v.extend_from_slice(&x.to_le_bytes());
                 }
@@ -515,6 +526,9 @@ impl Frame {
                     sent_bytes: r.u64()?,
                     resync_bytes: r.u64()?,
                     written_bytes: r.u64()?,
+                    pass_total_bytes: r.u64()?,
+                    pass_done_bytes: r.u64()?,
+                    pass_eta_ms: r.u64()?,
                 }
             }
             T_PING => Frame::Ping { t: r.u64()? },
@@ -678,6 +692,9 @@ mod tests {
             sent_bytes: 4,
             resync_bytes: 5,
             written_bytes: 6,
+            pass_total_bytes: 7,
+            pass_done_bytes: 8,
+            pass_eta_ms: 9,
         });
         roundtrip(Frame::Ping { t: 1 });
         roundtrip(Frame::Quiesce { cut_id: 1 << 63 });

@@ -69,6 +69,10 @@ pub struct ItemConfig {
     /// `fsfreeze -u /srv/db`).
     #[serde(default)]
     pub thaw: Option<String>,
+    /// Replication paused (`lifeboat pause`): the volumes stay served and
+    /// journaled, nothing ships until `lifeboat resume`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
@@ -569,6 +573,16 @@ pub async fn run(
             }
         }
         first = false;
+        // pause / resume without disturbing the served volumes
+        for item in &cfg.items {
+            for v in &item.volumes {
+                if let Some(r) = running.get(&(item.name.clone(), v.name.clone())) {
+                    r.status
+                        .paused
+                        .store(item.paused, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
         // consistency groups: the volumes of an item share a cut marker
         // every second (see Journal::group_cut)
         let cut_id = std::time::SystemTime::now()

@@ -97,6 +97,13 @@ pub struct ShipStatus {
     pub connects: AtomicU64,
     /// Frames to send on the stream (answers to the server's requests).
     pub outbox: Mutex<Vec<Frame>>,
+    /// Replication paused by the operator: nothing ships, the journal (then
+    /// the dirty map) keeps what changes.
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Progress of the running pass: data bytes it covers and compared.
+    pub pass_total_bytes: AtomicU64,
+    pub pass_done_bytes: AtomicU64,
+    pub pass_started: Mutex<Option<Instant>>,
 }
 
 impl ShipStatus {
@@ -379,6 +386,21 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 sent_seq = cursor.next_seq() - 1;
                 continue;
             }
+            // paused by the operator: report, keep the journal bounded, ship nothing
+            if status.paused.load(Ordering::Relaxed) {
+                status.set_state(VolumeState::Paused);
+                check_overflow(src, opts, status).await?;
+                if last_status.elapsed() >= Duration::from_millis(250) {
+                    last_status = Instant::now();
+                    update_rpo(src, status, started, pass_started, opts.scan_interval.map(|_| last_scan));
+                    send_status(&mut w, src, status).await?;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    r = &mut reader => return Err(match r { Ok(Err(e)) => e, Ok(Ok(())) => anyhow!("reader ended"), Err(e) => e.into() }),
+                }
+                continue;
+            }
             status.set_state(VolumeState::Protected);
             // overflow: drop the journal; the dirty map bounds the resync
             if check_overflow(src, opts, status).await? {
@@ -528,6 +550,17 @@ async fn send_status<W: AsyncWrite + Unpin>(
             .unwrap_or(0),
     })
     .await?;
+    let (total, done) = (
+        status.pass_total_bytes.load(Ordering::Relaxed),
+        status.pass_done_bytes.load(Ordering::Relaxed),
+    );
+    let eta_ms = match *status.pass_started.lock().unwrap() {
+        Some(t) if done > 0 && total > done => {
+            let el = t.elapsed().as_secs_f64();
+            ((total - done) as f64 * el / done as f64 * 1000.0) as u64
+        }
+        _ => 0,
+    };
     let f = Frame::Status {
         state: status.state().unwrap_or(VolumeState::Protected),
         rpo_ms: status.rpo_ms.load(Ordering::Relaxed),
@@ -536,6 +569,9 @@ async fn send_status<W: AsyncWrite + Unpin>(
         sent_bytes: status.sent_bytes.load(Ordering::Relaxed),
         resync_bytes: status.resync_bytes.load(Ordering::Relaxed),
         written_bytes: src.journal.changed_bytes(),
+        pass_total_bytes: total,
+        pass_done_bytes: done,
+        pass_eta_ms: eta_ms,
     };
     w.send(&f).await
 }
@@ -625,7 +661,22 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         let i = extents.partition_point(|r| r.end <= s);
         extents.get(i).is_some_and(|r| r.start < e)
     };
+    // progress over the data the pass covers (holes cost nothing)
+    let total: u64 = chunks
+        .iter()
+        .filter(|c| in_data(**c))
+        .map(|c| cs.min(src.size - c * cs))
+        .sum();
+    status.pass_total_bytes.store(total, Ordering::Relaxed);
+    status.pass_done_bytes.store(0, Ordering::Relaxed);
+    *status.pass_started.lock().unwrap() = Some(Instant::now());
+    // the status frames go out with the chunk batches
+    let mut last_report = Instant::now();
     for group in chunks.chunks(MAX_HASHES.min(512)) {
+        if last_report.elapsed() >= Duration::from_millis(250) {
+            last_report = Instant::now();
+            send_status(w, src, status).await?;
+        }
         // keep the journal bounded during long passes too
         check_overflow(src, opts, status).await?;
         // read and hash (data chunks only; holes hash as zero unread)
@@ -678,7 +729,14 @@ async fn run_pass<W: AsyncWrite + Unpin>(
             w.send(&batch(payload)).await?;
         }
         status.resync_bytes.fetch_add(nbytes, Ordering::Relaxed);
+        let read_bytes: u64 = read.iter().map(|(_, b, _)| b.len() as u64).sum();
+        status
+            .pass_done_bytes
+            .fetch_add(read_bytes, Ordering::Relaxed);
     }
+    status.pass_total_bytes.store(0, Ordering::Relaxed);
+    status.pass_done_bytes.store(0, Ordering::Relaxed);
+    *status.pass_started.lock().unwrap() = None;
     // the chunks were read at or after these records: the replica is a
     // crash state again only once it has applied up to `settle`
     let settle = src.journal.committed();

@@ -62,6 +62,11 @@ pub struct VolumeStatus {
     pub journal_bytes: u64,
     /// Bytes the workload changed since the agent started (agent's figure).
     pub written_bytes: u64,
+    /// A resync pass or initial sync running: data bytes covered, compared
+    /// so far, and the agent's estimate of the time left.
+    pub sync_total_bytes: u64,
+    pub sync_done_bytes: u64,
+    pub sync_eta_secs: Option<u64>,
     pub throughput_bytes_per_sec: u64,
     pub applied_seq: u64,
     pub consistent: bool,
@@ -134,6 +139,12 @@ pub fn status_of(st: &State) -> anyhow::Result<Status> {
             lag_bytes: report.as_ref().map(|r| r.lag_bytes).unwrap_or(0),
             journal_bytes: report.as_ref().map(|r| r.journal_bytes).unwrap_or(0),
             written_bytes: report.as_ref().map(|r| r.written_bytes).unwrap_or(0),
+            sync_total_bytes: report.as_ref().map(|r| r.pass_total_bytes).unwrap_or(0),
+            sync_done_bytes: report.as_ref().map(|r| r.pass_done_bytes).unwrap_or(0),
+            sync_eta_secs: report
+                .as_ref()
+                .filter(|r| r.pass_total_bytes > 0)
+                .map(|r| r.pass_eta_ms.div_ceil(1000)),
             throughput_bytes_per_sec: live.map(|l| l.throughput as u64).unwrap_or(0),
             applied_seq: applied,
             consistent,

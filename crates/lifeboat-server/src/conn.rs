@@ -398,6 +398,9 @@ where
             sent_bytes,
             resync_bytes,
             written_bytes,
+            pass_total_bytes,
+            pass_done_bytes,
+            pass_eta_ms,
         } = &f
         {
             let mut vols = st.volumes.lock().unwrap();
@@ -410,6 +413,9 @@ where
                     sent_bytes: *sent_bytes,
                     resync_bytes: *resync_bytes,
                     written_bytes: *written_bytes,
+                    pass_total_bytes: *pass_total_bytes,
+                    pass_done_bytes: *pass_done_bytes,
+                    pass_eta_ms: *pass_eta_ms,
                 });
                 v.last_contact = Some(Instant::now());
             }

@@ -128,6 +128,9 @@ pub struct AgentReport {
     pub sent_bytes: u64,
     pub resync_bytes: u64,
     pub written_bytes: u64,
+    pub pass_total_bytes: u64,
+    pub pass_done_bytes: u64,
+    pub pass_eta_ms: u64,
 }
 
 /// Live state of a replicated volume.

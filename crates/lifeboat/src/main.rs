@@ -55,6 +55,12 @@ enum Cmd {
     /// Stop protecting an item (or one of its volumes)
     #[command(after_help = "Example:\n  lifeboat unprotect db --config /etc/lifeboat/agent.toml")]
     Unprotect(cmd::agent::UnprotectArgs),
+    /// Pause replication of an item (the volumes stay served and journaled)
+    #[command(after_help = "Example:\n  lifeboat pause db --config /etc/lifeboat/agent.toml")]
+    Pause(cmd::agent::PauseArgs),
+    /// Resume replication of a paused item
+    #[command(after_help = "Example:\n  lifeboat resume db --config /etc/lifeboat/agent.toml")]
+    Resume(cmd::agent::PauseArgs),
     /// Replication health: state, RPO, lag, throughput, last point per volume
     #[command(after_help = "Example:\n  lifeboat status --api 127.0.0.1:7480 --json")]
     Status(cmd::status::StatusArgs),
@@ -104,6 +110,8 @@ fn main() {
         Cmd::Agent(c) => cmd::agent::run(c),
         Cmd::Protect(a) => cmd::agent::protect(a),
         Cmd::Unprotect(a) => cmd::agent::unprotect(a),
+        Cmd::Pause(a) => cmd::agent::pause(a, true),
+        Cmd::Resume(a) => cmd::agent::pause(a, false),
         Cmd::Status(a) => cmd::status::run(a),
         Cmd::Debug(c) => cmd::debug::run(c),
     };

@@ -452,3 +452,59 @@ fn scan_mode_ships_only_the_chunks_that_changed() {
     ));
     assert!(out.contains("mode = \"scan\""), "{out}");
 }
+
+#[test]
+fn a_replica_already_at_the_recovery_site_seeds_the_sync_by_hash() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut s = Sites::new(d.path(), "8GiB");
+    s.converge();
+    // the agent loses its journal (a rebuilt primary) and the source moves on
+    // meanwhile; the recovery site still holds the old replica
+    s.agent.as_mut().unwrap().stop();
+    std::fs::remove_dir_all(d.path().join("agent/journals")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&s.src)
+            .unwrap();
+        f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
+        f.write_all_at(&[9u8; 4096], 40 << 20).unwrap();
+    }
+    s.start_agent();
+    let st = s.converge();
+    // another journal: every chunk compared by hash, only the two changed sent
+    assert_eq!(st["resync_chunks_compared"], 1024, "{st}");
+    assert_eq!(st["resync_chunks_received"], 2, "{st}");
+}
+
+#[test]
+fn pause_holds_replication_and_resume_ships_what_was_written() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = Sites::new(d.path(), "8GiB");
+    s.converge();
+    ok(lb(d.path(), &["pause", "db", "--config", "agent.toml"]));
+    let t = Instant::now();
+    while s.status()["state"] != "paused" {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", s.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = std::fs::read(s.replica()).unwrap();
+    s.qemu_io(&["write -P 0x61 8M 1M".into()]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        std::fs::read(s.replica()).unwrap(),
+        before,
+        "nothing ships while paused"
+    );
+    let out = ok(lb(d.path(), &["status", "--api", &s.api]));
+    assert!(out.contains("paused"), "{out}");
+    ok(lb(d.path(), &["resume", "db", "--config", "agent.toml"]));
+    s.converge();
+}

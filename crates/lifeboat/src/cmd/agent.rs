@@ -200,6 +200,7 @@ pub fn protect(a: ProtectArgs) -> Result<()> {
             name: a.item.clone(),
             freeze: a.freeze.clone(),
             thaw: a.thaw.clone(),
+            paused: false,
             volumes: vec![v],
         }),
     }
@@ -208,6 +209,35 @@ pub fn protect(a: ProtectArgs) -> Result<()> {
     println!(
         "protected {}/{name} (a running agent picks it up within 2 s)",
         a.item
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PauseArgs {
+    /// Item whose replication to pause or resume
+    pub item: String,
+    #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
+    pub config: PathBuf,
+}
+
+/// `lifeboat pause` / `lifeboat resume`.
+pub fn pause(a: PauseArgs, paused: bool) -> Result<()> {
+    let mut cfg = AgentConfig::load(&a.config)?;
+    let Some(i) = cfg.items.iter_mut().find(|i| i.name == a.item) else {
+        bail!("{} is not protected by this agent", a.item);
+    };
+    i.paused = paused;
+    cfg.save(&a.config)?;
+    println!(
+        "{} {} (a running agent picks it up within 2 s){}",
+        a.item,
+        if paused { "paused" } else { "resumed" },
+        if paused {
+            "; writes stay journaled and are shipped on resume"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -97,7 +97,15 @@ pub fn run(a: StatusArgs) -> Result<()> {
         println!(
             "{:<24} {:<13} {:>9} {:>10} {:>10} {:>12}  {}",
             format!("{}/{}", v.item, v.volume),
-            v.state,
+            if v.sync_total_bytes > 0 {
+                format!(
+                    "{} {:.0}%",
+                    v.state,
+                    v.sync_done_bytes as f64 * 100.0 / v.sync_total_bytes as f64
+                )
+            } else {
+                v.state.clone()
+            },
             v.rpo_ms
                 .map(|m| format!("{:.1}s", m as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
@@ -106,6 +114,16 @@ pub fn run(a: StatusArgs) -> Result<()> {
             v.applied_seq,
             v.last_point.unwrap_or_else(|| "-".into())
         );
+        if v.sync_total_bytes > 0 {
+            println!(
+                "    syncing: {} of {} data compared{}",
+                human(v.sync_done_bytes),
+                human(v.sync_total_bytes),
+                v.sync_eta_secs
+                    .map(|s| format!(", about {s} s to go"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(e) = v.error {
             println!("    error: {e}");
         }
