@@ -448,17 +448,7 @@ where
                 v.resync_bytes_received = rx.stats.resync_bytes_received;
             }
         }
-        match res {
-            Ok(out) => {
-                for o in out {
-                    write_frame(wr, &o).await?;
-                }
-            }
-            Err(e) => {
-                let _ = write_frame(wr, &e.frame()).await;
-                bail!("{item}/{volume}: {e}");
-            }
-        }
+        answer(wr, res, item, volume).await?;
         // parked at a consistency-group cut marker: hold the stream (and,
         // through TCP, the agent) until the point is cut
         if rx.parked().is_some() {
@@ -486,17 +476,28 @@ where
                 };
                 rx.resume(&mut io)
             });
-            match res {
-                Ok(out) => {
-                    for o in out {
-                        write_frame(wr, &o).await?;
-                    }
-                }
-                Err(e) => {
-                    let _ = write_frame(wr, &e.frame()).await;
-                    bail!("{item}/{volume}: {e}");
-                }
+            answer(wr, res, item, volume).await?;
+        }
+    }
+}
+
+/// Send the receiver's answers, or its error (and end the stream).
+async fn answer<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    res: Result<Vec<Frame>, lifeboat_replicate::receiver::ReceiveError>,
+    item: &str,
+    volume: &str,
+) -> Result<()> {
+    match res {
+        Ok(out) => {
+            for o in out {
+                write_frame(wr, &o).await?;
             }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = write_frame(wr, &e.frame()).await;
+            bail!("{item}/{volume}: {e}");
         }
     }
 }

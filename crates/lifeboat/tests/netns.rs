@@ -120,21 +120,9 @@ fn status(dir: &Path, net: &Net) -> serde_json::Value {
 }
 
 fn converge(dir: &Path, net: &Net) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let same = std::fs::read(dir.join("srv/replicas/db/disk0.img"))
-            .is_ok_and(|r| r == std::fs::read(dir.join("src.img")).unwrap());
-        std::thread::sleep(Duration::from_millis(300));
-        let s = status(dir, net);
-        if same && s["state"] == "protected" && s["lag_bytes"] == 0 {
-            return s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "no convergence: {s}\n{}",
-            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
-        );
-    }
+    common::converge(dir, &dir.join("srv/replicas/db/disk0.img"), || {
+        status(dir, net)
+    })
 }
 
 #[test]
@@ -243,11 +231,8 @@ fn a_cut_link_between_two_namespaces_heals_without_a_reseed() {
     let uri = format!("nbd+unix:///disk0?socket={}", dir.join("db.sock").display());
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", &uri]);
-    for i in 0..64u64 {
-        c.args([
-            "-c",
-            &format!("write -P {} {} 64k", i + 1, (i * 331 % 1000) * 65536),
-        ]);
+    for w in scattered_writes(64, 331) {
+        c.args(["-c", &w]);
     }
     assert!(c.output().unwrap().status.success());
     std::thread::sleep(Duration::from_secs(5));

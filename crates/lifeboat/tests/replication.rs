@@ -100,10 +100,7 @@ fn outages_and_kill_9_converge_without_a_full_reseed() {
     s.converge();
     // 1. the link is down (server stopped) while 4 MiB are written
     s.server.as_mut().unwrap().stop();
-    let writes: Vec<String> = (0..64)
-        .map(|i| format!("write -P {} {} 64k", i + 1, (i * 997 % 1000) * 65536))
-        .collect();
-    s.qemu_io(&writes);
+    s.qemu_io(&scattered_writes(64, 997));
     s.start_server();
     let st = s.converge();
     // the journal was replayed: no chunk had to be compared or resent
@@ -175,10 +172,7 @@ fn a_journal_overflow_resyncs_only_the_dirty_chunks() {
     s.converge();
     s.server.as_mut().unwrap().stop();
     // 40 scattered 64 KiB writes (2.5 MiB): more than the 1 MiB journal
-    let writes: Vec<String> = (0..40)
-        .map(|i| format!("write -P {} {} 64k", i + 1, (i * 13 % 1000) * 65536))
-        .collect();
-    s.qemu_io(&writes);
+    s.qemu_io(&scattered_writes(40, 13));
     std::thread::sleep(Duration::from_millis(1500));
     s.start_server();
     let st = s.converge();

@@ -201,20 +201,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for (n, (p, reference)) in [(p1.id, &v1), (p2.id, &vol)].into_iter().enumerate() {
         let out = dir.join(format!("restored-point{}.raw", n + 1));
         let t = Instant::now();
-        restore_volume(
-            &vault,
-            &p,
-            "disk0",
-            &out,
-            &RestoreOptions {
-                verify: true,
-                ..Default::default()
-            },
-            &NoProgress,
-        )?;
-        let ok = digest(&Endpoint::Local(out.clone()))?
-            == digest(&Endpoint::Local(reference.to_path_buf()))?;
-        if !ok {
+        if !restore_and_compare(&vault, &p, &out, reference)? {
             bail!("restored point {p} differs from the volume it was taken of");
         }
         say(
@@ -278,6 +265,29 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Restore volume `disk0` of `point` to `out` (verified) and say whether it
+/// is byte-identical (BLAKE3) to `reference`.
+pub fn restore_and_compare(
+    vault: &Arc<Vault>,
+    point: &lifeboat_format::PointId,
+    out: &std::path::Path,
+    reference: &std::path::Path,
+) -> Result<bool> {
+    restore_volume(
+        vault,
+        point,
+        "disk0",
+        out,
+        &RestoreOptions {
+            verify: true,
+            ..Default::default()
+        },
+        &NoProgress,
+    )?;
+    Ok(digest(&Endpoint::Local(out.to_path_buf()))?
+        == digest(&Endpoint::Local(reference.to_path_buf()))?)
 }
 
 struct TempDir(PathBuf);

@@ -14,8 +14,6 @@ use anyhow::{bail, Context, Result};
 use lifeboat_capture::dirtymap::DirtyMap;
 use lifeboat_capture::extents::volume_size;
 use lifeboat_capture::journal::Journal;
-use lifeboat_capture::restore::{restore_volume, RestoreOptions};
-use lifeboat_capture::scan::NoProgress;
 use lifeboat_capture::splitter::Export;
 use lifeboat_copy::{digest, Endpoint};
 use lifeboat_replicate::agent::{credentials, enroll, CHUNK_SIZE};
@@ -252,18 +250,7 @@ pub fn run(
         &Secret::KeyFile(key_hex.as_bytes().to_vec()),
     )?);
     let out = dir.join("recovered.raw");
-    restore_volume(
-        &vault,
-        &point.parse()?,
-        "disk0",
-        &out,
-        &RestoreOptions {
-            verify: true,
-            ..Default::default()
-        },
-        &NoProgress,
-    )?;
-    if digest(&Endpoint::Local(out.clone()))? != digest(&Endpoint::Local(vol.to_path_buf()))? {
+    if !crate::cmd::demo::restore_and_compare(&vault, &point.parse()?, &out, vol)? {
         bail!("the point restored at the recovery site differs from the primary");
     }
     say(

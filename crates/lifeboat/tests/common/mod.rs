@@ -115,6 +115,35 @@ pub fn spawn(dir: &Path, args: &[&str], log: &Path, ready: &str) -> (Proc, Strin
     (Proc { child }, line)
 }
 
+/// Wait until `dir/src.img` and `replica` are byte-identical and `status`
+/// says the volume is protected with nothing in flight; returns that status.
+pub fn converge(dir: &Path, replica: &Path, status: impl Fn() -> Value) -> Value {
+    let src = dir.join("src.img");
+    let t = Instant::now();
+    loop {
+        let same = std::fs::read(replica).is_ok_and(|r| r == std::fs::read(&src).unwrap());
+        // the data lands before its acknowledgement: let the state catch up
+        std::thread::sleep(Duration::from_millis(300));
+        let s = status();
+        if same && s["state"] == "protected" && s["lag_bytes"] == 0 {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no convergence: {s}\n{}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` qemu-io commands writing 64 KiB at scattered chunks (`mul` spreads them).
+pub fn scattered_writes(n: u64, mul: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("write -P {} {} 64k", i % 250 + 1, (i * mul % 1000) * 65536))
+        .collect()
+}
+
 pub fn http(api: &str, method: &str, path: &str) -> (u16, Value) {
     let mut s = std::net::TcpStream::connect(api).unwrap();
     write!(
@@ -333,22 +362,6 @@ impl Sites {
 
     /// Wait until the replica equals the source and the volume is protected.
     pub fn converge(&self) -> Value {
-        let t = Instant::now();
-        loop {
-            let same =
-                std::fs::read(self.replica()).is_ok_and(|r| r == std::fs::read(&self.src).unwrap());
-            // the data lands before its acknowledgement: let the state catch up
-            std::thread::sleep(Duration::from_millis(300));
-            let s = self.status();
-            if same && s["state"] == "protected" && s["lag_bytes"] == 0 {
-                return s;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "no convergence: {s}\n{}",
-                std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        converge(&self.dir, &self.replica(), || self.status())
     }
 }
