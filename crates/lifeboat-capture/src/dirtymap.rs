@@ -1,8 +1,10 @@
 //! The persistent dirty map (format in `lifeboat_format::dirtymap`): marks
-//! the chunks a write touches, durably, before the write is acknowledged.
-//! Only clean→dirty transitions cost a write and an fdatasync of the map;
-//! writes to chunks already dirty cost nothing (as DRBD's activity log
-//! amortises its updates).
+//! the chunks a write touches before the write is acknowledged. Only
+//! clean→dirty transitions cost a write of the map (in 4 MiB groups, as
+//! DRBD's activity log marks extents); writes to chunks already dirty cost
+//! nothing. The map is not synced on the write path: a process crash keeps
+//! it (page cache), and a machine crash — a new boot id without a clean
+//! stop, see `check_boot` — flags every chunk for a compare by hash.
 //!
 //! Replication clears bits again: a chunk's bit is cleared once the recovery
 //! site has acknowledged every journal record that touched it (its last
@@ -27,6 +29,31 @@ pub struct DirtyMap {
     header: DirtyMapHeader,
     bits: Mutex<Vec<u8>>,
     track: Mutex<Track>,
+    /// `<map>.state`: the boot id of the running agent and whether it
+    /// stopped cleanly.
+    state: std::path::PathBuf,
+}
+
+fn state_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("state")
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn write_state(p: &Path, text: &str) -> io::Result<()> {
+    let tmp = p.with_extension("state.partial");
+    let mut f = File::create(&tmp)?;
+    io::Write::write_all(&mut f, text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, p)?;
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// In-memory state per chunk for replication.
@@ -74,12 +101,15 @@ impl DirtyMap {
                 File::open(dir)?.sync_all()?;
             }
             let bits = vec![0; want.bitmap_len() as usize];
-            return Ok(DirtyMap {
+            let m = DirtyMap {
                 file,
                 header: want,
                 track: Mutex::new(Track::new(want.chunks(), &bits)),
                 bits: Mutex::new(bits),
-            });
+                state: state_path(path),
+            };
+            m.check_boot()?;
+            return Ok(m);
         }
         let mut h = [0u8; HEADER_LEN];
         file.read_exact_at(&mut h, 0)?;
@@ -97,12 +127,49 @@ impl DirtyMap {
         }
         let mut bits = vec![0u8; header.bitmap_len() as usize];
         file.read_exact_at(&mut bits, HEADER_LEN as u64)?;
-        Ok(DirtyMap {
+        let m = DirtyMap {
             file,
             header,
             track: Mutex::new(Track::new(header.chunks(), &bits)),
             bits: Mutex::new(bits),
-        })
+            state: state_path(path),
+        };
+        m.check_boot()?;
+        Ok(m)
+    }
+
+    /// The map is exact after a process crash (its writes sit in the page
+    /// cache), but not after the machine crashed: then the boot id changed
+    /// without a clean close, and every chunk is flagged for a compare by
+    /// hash (a full read of both sides, only differences travel).
+    fn check_boot(&self) -> io::Result<()> {
+        let cur = boot_id();
+        if let Ok(s) = std::fs::read_to_string(&self.state) {
+            let mut it = s.split_whitespace();
+            let (boot, clean) = (it.next().unwrap_or(""), it.next() == Some("clean"));
+            if !clean && boot != cur {
+                tracing::warn!(
+                    "{}: the machine restarted without a clean stop of the agent: every chunk will be compared",
+                    self.state.display()
+                );
+                self.flag_all();
+                let mut bits = self.bits.lock().unwrap();
+                bits.fill(0xff);
+                self.file.write_all_at(&bits, HEADER_LEN as u64)?;
+                self.file.sync_data()?;
+            }
+        }
+        write_state(&self.state, &format!("{cur} running\n"))
+    }
+
+    /// Stop cleanly: the map is synced and marked exact for the next start,
+    /// even after a reboot.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn close_clean(&self) -> io::Result<()> {
+        self.file.sync_all()?;
+        write_state(&self.state, &format!("{} clean\n", boot_id()))
     }
 
     fn chunk_range(&self, offset: u64, len: u64) -> Range<u64> {
@@ -153,9 +220,10 @@ impl DirtyMap {
         if lo == usize::MAX {
             return Ok(false);
         }
+        // written before the write it covers, not synced: a process crash
+        // keeps it (page cache); a machine crash is caught by check_boot
         self.file
             .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
-        self.file.sync_data()?;
         Ok(true)
     }
 
@@ -351,5 +419,29 @@ mod tests {
         m.note(8192, 1, 9);
         assert_eq!(m.flag_unacked(8).unwrap(), 1);
         assert_eq!(m.pass_begin(), vec![2]);
+    }
+
+    #[test]
+    fn a_machine_crash_flags_every_chunk_and_a_clean_stop_does_not() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dirty.map");
+        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
+        m.close_clean().unwrap();
+        drop(m);
+        let state = d.path().join("dirty.state");
+        // a clean stop, even across a reboot: the map is exact
+        std::fs::write(&state, "another-boot clean\n").unwrap();
+        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
+        assert_eq!(m.pending(), 0);
+        drop(m);
+        // a process crash (same boot, no clean stop): the map is exact
+        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
+        assert_eq!(m.pending(), 0);
+        drop(m);
+        // the machine went down with the agent running: compare everything
+        std::fs::write(&state, "another-boot running\n").unwrap();
+        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
+        assert_eq!(m.pending(), 100);
+        assert_eq!(m.dirty_ranges(), vec![0..4096 * 100]);
     }
 }

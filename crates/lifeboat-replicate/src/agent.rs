@@ -300,6 +300,7 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
     fuse: Option<lifeboat_capture::fuse::Mounted>,
     journal: Arc<Journal>,
+    dirty: Arc<DirtyMap>,
 }
 
 /// Health of every protected volume, for `agent status`.
@@ -403,7 +404,7 @@ fn start_volume(
         file: Arc::new(file),
         size,
         journal: journal.clone(),
-        dirty,
+        dirty: dirty.clone(),
     });
     let status = Arc::new(ShipStatus::default());
     let (stop, stop_rx) = watch::channel(false);
@@ -430,6 +431,7 @@ fn start_volume(
         task,
         fuse,
         journal,
+        dirty,
     })
 }
 
@@ -446,6 +448,9 @@ fn stop_volume(r: Running) {
     }
     r.task.abort();
     drop(r.fuse);
+    if let Err(e) = r.dirty.close_clean() {
+        tracing::warn!("dirty map: {e}");
+    }
 }
 
 fn hook(what: &str, cmd: &str) -> Result<()> {
