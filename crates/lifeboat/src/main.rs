@@ -42,10 +42,20 @@ enum Cmd {
     #[command(subcommand)]
     Nbd(cmd::nbd::NbdCmd),
     /// The recovery site: receive replication, keep hot replicas, cut points, serve the API
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  lifeboat server init /srv/lifeboat --vault /srv/vault --site dr1\n  \
+LIFEBOAT_PASSWORD=s3cret lifeboat server run /srv/lifeboat\n  \
+lifeboat server token create /srv/lifeboat --site primary > token"
+    )]
     Server(cmd::server::ServerCmd),
     /// The primary site: serve protected volumes and replicate every write
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  lifeboat agent enroll --server dr1:7443 --token-file token --config /etc/lifeboat/agent.toml\n  \
+lifeboat protect db --volume disk0=/srv/db.img --fuse-mount /run/lifeboat/db\n  \
+lifeboat agent run --config /etc/lifeboat/agent.toml"
+    )]
     Agent(cmd::agent::AgentCmd),
     /// Protect a volume with a (running) agent
     #[command(

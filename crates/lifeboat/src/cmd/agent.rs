@@ -27,7 +27,10 @@ Example:\n  lifeboat agent run --config /etc/lifeboat/agent.toml"
         config: PathBuf,
     },
     /// Show the agent's configuration
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  lifeboat agent config show --config /etc/lifeboat/agent.toml"
+    )]
     Config(ConfigCmd),
 }
 

@@ -24,13 +24,22 @@ LIFEBOAT_PASSWORD=s3cret lifeboat server run /srv/lifeboat"
     )]
     Run(RunArgs),
     /// Show the effective configuration
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  lifeboat server config show /srv/lifeboat"
+    )]
     Config(ConfigCmd),
     /// Enrollment tokens for agents
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  lifeboat server token create /srv/lifeboat --site primary > token"
+    )]
     Token(TokenCmd),
     /// Enrolled agents: list, revoke
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  lifeboat server agent list /srv/lifeboat\n  lifeboat server agent revoke /srv/lifeboat web01"
+    )]
     Agent(AgentAdminCmd),
 }
 
@@ -78,8 +87,8 @@ pub enum ConfigCmd {
 pub enum TokenCmd {
     /// Issue a one-time enrollment token for an agent of site NAME
     #[command(
-        after_help = "The token is printed on stdout; hand it to the agent over a safe channel:\n  \
-lifeboat server token create /srv/lifeboat --site primary > token\n  \
+        after_help = "The token is printed on stdout; hand it to the agent over a safe channel (it works once, for token_ttl).\n\n\
+Example:\n  lifeboat server token create /srv/lifeboat --site primary > token\n  \
 lifeboat agent enroll --server dr1:7443 --token-file token --state-dir /var/lib/lifeboat/agent"
     )]
     Create {
