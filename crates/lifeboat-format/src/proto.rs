@@ -118,6 +118,8 @@ pub enum Frame {
         /// Identity of the agent's journal: sequence numbers are only
         /// comparable within one journal.
         journal_id: [u8; 16],
+        /// The last sequence durable in that journal.
+        durable: u64,
     },
     /// server → agent: where the replica stands.
     Welcome {
@@ -261,6 +263,7 @@ impl Frame {
                 size,
                 chunk_size,
                 journal_id,
+                durable,
             } => {
                 v.push(T_HELLO);
                 v.extend_from_slice(&REPLICATION_V1);
@@ -270,6 +273,7 @@ impl Frame {
                 v.extend_from_slice(&size.to_le_bytes());
                 v.extend_from_slice(&chunk_size.to_le_bytes());
                 v.extend_from_slice(journal_id);
+                v.extend_from_slice(&durable.to_le_bytes());
             }
             Frame::Welcome {
                 applied_seq,
@@ -445,6 +449,7 @@ impl Frame {
                         size: r.u64()?,
                         chunk_size: r.u32()?,
                         journal_id: r.array()?,
+                        durable: r.u64()?,
                     }
                 } else {
                     Frame::Enroll {
@@ -635,6 +640,7 @@ mod tests {
             size: 1 << 30,
             chunk_size: 65536,
             journal_id: [7; 16],
+            durable: 3,
         });
         roundtrip(Frame::Welcome {
             applied_seq: 9,
@@ -719,6 +725,7 @@ mod tests {
             size: 1,
             chunk_size: 1,
             journal_id: [0; 16],
+            durable: 0,
         }
         .encode();
         e[4 + 1 + 8] = 9; // version byte
@@ -746,6 +753,7 @@ mod tests {
                 size: 5,
                 chunk_size: 6,
                 journal_id: [1; 16],
+                durable: 0,
             }.encode();
             let body = &e[4..];
             if cut < body.len() {

@@ -115,6 +115,7 @@ impl Receiver {
         size: u64,
         chunk_size: u32,
         journal_id: [u8; 16],
+        durable: u64,
     ) -> (Receiver, Frame) {
         if st.journal_id != journal_id {
             // another journal: its sequence numbers mean nothing here, and
@@ -126,6 +127,13 @@ impl Receiver {
                 journal_id,
                 settle: 0,
             };
+        }
+        // the replica may hold records past `applied_seq` that were applied
+        // but not acknowledged (the server stopped in between), in any order:
+        // it is a crash state again only once the stream has replayed every
+        // record the agent holds durably
+        if durable > st.applied_seq {
+            st.settle = st.settle.max(durable);
         }
         let welcome = Frame::Welcome {
             applied_seq: st.applied_seq,
@@ -472,7 +480,7 @@ mod tests {
             syncs: 0,
         };
         io.data[5000] = 9; // the replica holds stale data the source lacks
-        let (mut r, welcome) = Receiver::new(fresh(), 8192, 4096, [1; 16]);
+        let (mut r, welcome) = Receiver::new(fresh(), 8192, 4096, [1; 16], 0);
         assert_eq!(
             welcome,
             Frame::Welcome {
@@ -483,7 +491,7 @@ mod tests {
         assert!(r
             .on_frame(Frame::ResyncBegin { x: 1, full: false }, &mut io)
             .is_err());
-        let mut r = Receiver::new(fresh(), 8192, 4096, [1; 16]).0;
+        let mut r = Receiver::new(fresh(), 8192, 4096, [1; 16], 0).0;
         r.on_frame(Frame::ResyncBegin { x: 3, full: true }, &mut io)
             .unwrap();
         assert!(!r.consistent());
@@ -511,7 +519,7 @@ mod tests {
         assert!(r
             .on_frame(batch(encode_records(&[chunk])), &mut io)
             .is_err());
-        let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16]).0;
+        let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16], 0).0;
         assert!(!r2.consistent(), "a half-done pass is not consistent");
         // the real stream goes on
         let out = r
@@ -565,7 +573,7 @@ mod tests {
             journal_id: [1; 16],
             settle: 0,
         };
-        let (_, w1) = Receiver::new(st.clone(), 10, 4096, [1; 16]);
+        let (_, w1) = Receiver::new(st.clone(), 10, 4096, [1; 16], 0);
         assert_eq!(
             w1,
             Frame::Welcome {
@@ -573,7 +581,7 @@ mod tests {
                 synced: true
             }
         );
-        let (_, w2) = Receiver::new(st, 10, 4096, [2; 16]);
+        let (_, w2) = Receiver::new(st, 10, 4096, [2; 16], 0);
         assert_eq!(
             w2,
             Frame::Welcome {
@@ -597,7 +605,7 @@ mod tests {
             journal_id: [1; 16],
             settle: 0,
         };
-        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16]);
+        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16], 0);
         let cut = |seq, id| Rec {
             kind: RecKind::Barrier,
             seq,
@@ -646,5 +654,31 @@ mod tests {
         );
         assert_eq!(&io.data[..3], b"abc");
         assert_eq!(r.parked(), None);
+    }
+
+    #[test]
+    fn after_a_reconnect_the_replica_settles_before_it_counts_as_consistent() {
+        let mut io = Mem {
+            data: vec![0; 8192],
+            persisted: None,
+            syncs: 0,
+        };
+        let st = StreamState {
+            applied_seq: 2,
+            synced: true,
+            consistent: true,
+            journal_id: [1; 16],
+            settle: 0,
+        };
+        // the agent holds records up to 4: the server may have applied some
+        // of them without acknowledging them before it stopped
+        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16], 4);
+        assert!(!r.consistent());
+        r.on_frame(batch(encode_records(&[w(3, 0, b"a")])), &mut io)
+            .unwrap();
+        assert!(!r.consistent());
+        r.on_frame(batch(encode_records(&[w(4, 1, b"b")])), &mut io)
+            .unwrap();
+        assert!(r.consistent());
     }
 }

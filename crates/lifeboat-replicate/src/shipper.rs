@@ -228,6 +228,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         size: src.size,
         chunk_size: src.dirty.chunk_size(),
         journal_id: src.journal.id(),
+        durable: src.journal.durable(),
     })
     .await?;
     let (applied, synced) = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))

@@ -76,6 +76,7 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
             size,
             chunk_size,
             journal_id,
+            durable,
         } => {
             let Some(fp) = peer else {
                 write_frame(
@@ -141,7 +142,15 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
                 bail!("bad chunk size {chunk_size}");
             }
             replicate(
-                st, &mut rd, &mut wr, agent.id, item, volume, size, chunk_size, journal_id,
+                st,
+                &mut rd,
+                &mut wr,
+                agent.id,
+                item,
+                volume,
+                size,
+                chunk_size,
+                (journal_id, durable),
             )
             .await
         }
@@ -214,7 +223,7 @@ async fn replicate<R, W>(
     volume: String,
     size: u64,
     chunk_size: u32,
-    journal_id: [u8; 16],
+    journal: ([u8; 16], u64),
 ) -> Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -290,8 +299,7 @@ where
         }
     };
     let result = stream(
-        &st, rd, wr, &agent_id, &item, &volume, size, chunk_size, journal_id, &path, replica,
-        ctl_rx,
+        &st, rd, wr, &agent_id, &item, &volume, size, chunk_size, journal, &path, replica, ctl_rx,
     )
     .await;
     let mut vols = st.volumes.lock().unwrap();
@@ -313,7 +321,7 @@ async fn stream<R, W>(
     volume: &str,
     size: u64,
     chunk_size: u32,
-    journal_id: [u8; 16],
+    journal: ([u8; 16], u64),
     path: &std::path::Path,
     replica: Arc<Mutex<Replica>>,
     mut ctl: tokio::sync::mpsc::UnboundedReceiver<Frame>,
@@ -331,7 +339,7 @@ where
         &path.to_string_lossy(),
     )?;
     let saved = st.db.stream_state(item, volume)?;
-    let (mut rx, welcome) = Receiver::new(saved.clone(), size, chunk_size, journal_id);
+    let (mut rx, welcome) = Receiver::new(saved.clone(), size, chunk_size, journal.0, journal.1);
     {
         let mut r = replica.lock().unwrap();
         r.applied_seq = rx.state().applied_seq;

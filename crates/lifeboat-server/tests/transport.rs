@@ -36,6 +36,7 @@ fn hello() -> Frame {
         size: 1 << 20,
         chunk_size: 65536,
         journal_id: [1; 16],
+        durable: 0,
     }
 }
 
