@@ -92,12 +92,9 @@ fn splitter_writes_reach_the_hot_replica_and_recovery_points() {
 
 #[test]
 fn outages_and_kill_9_converge_without_a_full_reseed() {
-    if !have("qemu-io") {
+    let Some((_d, mut s)) = Sites::ready("8GiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let mut s = Sites::new(d.path(), "8GiB");
-    s.converge();
+    };
     // 1. the link is down (server stopped) while 4 MiB are written
     s.server.as_mut().unwrap().stop();
     s.qemu_io(&scattered_writes(64, 997));
@@ -164,12 +161,9 @@ fn outages_and_kill_9_converge_without_a_full_reseed() {
 
 #[test]
 fn a_journal_overflow_resyncs_only_the_dirty_chunks() {
-    if !have("qemu-io") {
+    let Some((d, mut s)) = Sites::ready("1MiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let mut s = Sites::new(d.path(), "1MiB");
-    s.converge();
+    };
     s.server.as_mut().unwrap().stop();
     // 40 scattered 64 KiB writes (2.5 MiB): more than the 1 MiB journal
     s.qemu_io(&scattered_writes(40, 13));
@@ -189,12 +183,9 @@ fn a_journal_overflow_resyncs_only_the_dirty_chunks() {
 
 #[test]
 fn no_certificate_revoked_agents_and_reused_tokens_are_refused() {
-    if !have("qemu-io") {
+    let Some((d, mut s)) = Sites::ready("8GiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let mut s = Sites::new(d.path(), "8GiB");
-    s.converge();
+    };
     // a reused token
     let o = lb(
         d.path(),
@@ -251,12 +242,9 @@ fn no_certificate_revoked_agents_and_reused_tokens_are_refused() {
 
 #[test]
 fn a_consistency_group_is_cut_at_the_same_marker_on_every_volume() {
-    if !have("qemu-io") {
+    let Some((d, s)) = Sites::ready("8GiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let s = Sites::new(d.path(), "8GiB");
-    s.converge();
+    };
     // a second volume of the same item
     ok(lb(
         d.path(),
@@ -344,12 +332,9 @@ fn a_consistency_group_is_cut_at_the_same_marker_on_every_volume() {
 
 #[test]
 fn app_consistent_points_run_the_agents_hooks_around_the_cut() {
-    if !have("qemu-io") {
+    let Some((d, s)) = Sites::ready("8GiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let s = Sites::new(d.path(), "8GiB");
-    s.converge();
+    };
     let set_hooks = |freeze: &str| {
         let p = d.path().join("agent.toml");
         let c = std::fs::read_to_string(&p)
@@ -449,12 +434,9 @@ fn scan_mode_ships_only_the_chunks_that_changed() {
 
 #[test]
 fn a_replica_already_at_the_recovery_site_seeds_the_sync_by_hash() {
-    if !have("qemu-io") {
+    let Some((d, mut s)) = Sites::ready("8GiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let mut s = Sites::new(d.path(), "8GiB");
-    s.converge();
+    };
     // the agent loses its journal (a rebuilt primary) and the source moves on
     // meanwhile; the recovery site still holds the old replica
     s.agent.as_mut().unwrap().stop();
@@ -477,12 +459,9 @@ fn a_replica_already_at_the_recovery_site_seeds_the_sync_by_hash() {
 
 #[test]
 fn pause_holds_replication_and_resume_ships_what_was_written() {
-    if !have("qemu-io") {
+    let Some((d, s)) = Sites::ready("8GiB") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let s = Sites::new(d.path(), "8GiB");
-    s.converge();
+    };
     ok(lb(d.path(), &["pause", "db", "--config", "agent.toml"]));
     let t = Instant::now();
     while s.status()["state"] != "paused" {

@@ -185,6 +185,18 @@ pub const NBD_64M: Vol<'static> = Vol {
 impl Sites {
     /// A vault, a server, an enrolled agent protecting a 64 MiB image with
     /// 16 MiB of data, with `journal_max`.
+    /// Two converged sites in a new temporary directory, if qemu-io (the
+    /// workload) is installed.
+    pub fn ready(journal_max: &str) -> Option<(tempfile::TempDir, Sites)> {
+        if !have("qemu-io") {
+            return None;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let s = Sites::new(d.path(), journal_max);
+        s.converge();
+        Some((d, s))
+    }
+
     pub fn new(dir: &Path, journal_max: &str) -> Sites {
         Self::with(dir, journal_max, &NBD_64M)
     }
