@@ -63,7 +63,7 @@ fn main() {
         Frame::Hello { version: proto::PROTO_VERSION, item: "db".into(), volume: "disk0".into(), size: 1 << 20, chunk_size: 65536, journal_id: [3; 16], durable: 9 },
         Frame::Batch { codec: 0, raw_len: payload.len() as u32, payload },
         Frame::Hashes { chunks: vec![(1, [5; 32]), (4, proto::ZERO_HASH)] },
-        Frame::Status { state: proto::VolumeState::Protected, rpo_ms: 1, lag_bytes: 2, journal_bytes: 3, sent_bytes: 4, resync_bytes: 5, written_bytes: 6, pass_total_bytes: 7, pass_done_bytes: 8, pass_eta_ms: 9 },
+        Frame::Status(proto::Health { state: proto::VolumeState::Protected, rpo_ms: 1, lag_bytes: 2, journal_bytes: 3, sent_bytes: 4, resync_bytes: 5, written_bytes: 6, pass_total_bytes: 7, pass_done_bytes: 8, pass_eta_ms: 9 }),
         Frame::Error { code: 1, message: "x".into() },
     ];
     for (i, f) in frames.iter().enumerate() {

@@ -34,6 +34,23 @@ pub struct DirtyMap {
     state: std::path::PathBuf,
 }
 
+/// Byte ranges (merged) of the chunks whose bits are set.
+fn ranges(h: &DirtyMapHeader, bits: &[u8]) -> Vec<Range<u64>> {
+    let cs = h.chunk_size as u64;
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for c in 0..h.chunks() {
+        if bits[(c / 8) as usize] & (1 << (c % 8)) != 0 {
+            let s = c * cs;
+            let e = (s + cs).min(h.size);
+            match out.last_mut() {
+                Some(r) if r.end == s => r.end = e,
+                _ => out.push(s..e),
+            }
+        }
+    }
+    out
+}
+
 fn state_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("state")
 }
@@ -62,17 +79,29 @@ struct Track {
     last_seq: Vec<u64>,
     /// 0: nothing pending; 1: needs a resync; 2: in the current resync pass.
     needs: Vec<u8>,
+    /// How many entries of `needs` are not 0 (asked every few ms by the
+    /// shipper: kept, not counted).
+    pending: u64,
 }
 
 impl Track {
     fn new(chunks: u64, bits: &[u8]) -> Track {
-        let needs = (0..chunks)
+        let needs: Vec<u8> = (0..chunks)
             .map(|c| (bits[(c / 8) as usize] >> (c % 8)) & 1)
             .collect();
         Track {
             last_seq: vec![0; chunks as usize],
+            pending: needs.iter().filter(|n| **n != 0).count() as u64,
             needs,
         }
+    }
+
+    /// Flag chunk `c` as needing a resync.
+    fn flag(&mut self, c: usize) {
+        if self.needs[c] == 0 {
+            self.pending += 1;
+        }
+        self.needs[c] = 1;
     }
 }
 
@@ -180,12 +209,13 @@ impl DirtyMap {
         (offset / cs)..((offset + len - 1) / cs + 1).min(self.header.chunks())
     }
 
-    /// Mark the chunks of `[offset, offset+len)` dirty, durably. A clean
+    /// Mark the chunks of `[offset, offset+len)` dirty (see the module doc
+    /// for what survives which crash). A clean
     /// chunk marks its whole group of [`MARK_GROUP`] chunks (4 MiB with 64 KiB
     /// chunks), as DRBD's activity log marks extents: sequential and nearby
     /// writes then cost one map update per group, not one per chunk; a
     /// resync after a crash compares the group by hash. Returns whether the
-    /// map changed (and so was synced).
+    /// map changed (and so was written).
     ///
     /// # Errors
     /// I/O errors writing the map: the write must then not be acknowledged.
@@ -227,12 +257,32 @@ impl DirtyMap {
         Ok(true)
     }
 
-    pub fn chunk_size(&self) -> u32 {
-        self.header.chunk_size
+    /// The dirty ranges recorded in the map at `path`, read without
+    /// opening it for use (no boot check, nothing written): for inspection.
+    ///
+    /// # Errors
+    /// I/O errors or a damaged header.
+    pub fn read_ranges(path: &Path) -> io::Result<Vec<Range<u64>>> {
+        let bytes = std::fs::read(path)?;
+        let header = DirtyMapHeader::decode(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        let bits = bytes
+            .get(HEADER_LEN..HEADER_LEN + header.bitmap_len() as usize)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: truncated", path.display()),
+                )
+            })?;
+        Ok(ranges(&header, bits))
     }
 
-    pub fn chunks(&self) -> u64 {
-        self.header.chunks()
+    pub fn chunk_size(&self) -> u32 {
+        self.header.chunk_size
     }
 
     /// Journal record `seq` touched `[offset, offset+len)` (called under the
@@ -257,7 +307,7 @@ impl DirtyMap {
         let mut n = 0;
         for c in 0..self.header.chunks() as usize {
             if t.last_seq[c] > acked {
-                t.needs[c] = 1;
+                t.flag(c);
                 bits[c / 8] |= 1 << (c % 8);
                 n += 1;
             }
@@ -270,22 +320,14 @@ impl DirtyMap {
     /// Flag every chunk as needing a resync (a full compare by hash).
     pub fn flag_all(&self) {
         let mut t = self.track.lock().unwrap();
-        for n in t.needs.iter_mut() {
-            if *n == 0 {
-                *n = 1;
-            }
+        for c in 0..t.needs.len() {
+            t.flag(c);
         }
     }
 
     /// Chunks pending a resync.
     pub fn pending(&self) -> u64 {
-        self.track
-            .lock()
-            .unwrap()
-            .needs
-            .iter()
-            .filter(|n| **n != 0)
-            .count() as u64
+        self.track.lock().unwrap().pending
     }
 
     /// Start a resync pass: the chunks that need one, now "in the pass".
@@ -305,11 +347,14 @@ impl DirtyMap {
     /// Chunks flagged again during the pass stay pending.
     pub fn pass_end(&self, ok: bool) {
         let mut t = self.track.lock().unwrap();
+        let mut cleared = 0;
         for n in t.needs.iter_mut() {
             if *n == 2 {
                 *n = if ok { 0 } else { 1 };
+                cleared += ok as u64;
             }
         }
+        t.pending -= cleared;
     }
 
     /// Clear the bits of chunks the recovery site holds: no resync pending
@@ -342,20 +387,7 @@ impl DirtyMap {
 
     /// Dirty chunks, as byte ranges of the volume (merged).
     pub fn dirty_ranges(&self) -> Vec<Range<u64>> {
-        let bits = self.bits.lock().unwrap();
-        let cs = self.header.chunk_size as u64;
-        let mut out: Vec<Range<u64>> = Vec::new();
-        for c in 0..self.header.chunks() {
-            if bits[(c / 8) as usize] & (1 << (c % 8)) != 0 {
-                let s = c * cs;
-                let e = (s + cs).min(self.header.size);
-                match out.last_mut() {
-                    Some(r) if r.end == s => r.end = e,
-                    _ => out.push(s..e),
-                }
-            }
-        }
-        out
+        ranges(&self.header, &self.bits.lock().unwrap())
     }
 }
 

@@ -147,10 +147,6 @@ impl Journal {
         self.id
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The last sequence number whose record is complete (0 if none).
     pub fn committed(&self) -> u64 {
         self.inner.lock().unwrap().next_seq - 1
@@ -665,8 +661,14 @@ pub fn replay(records: &[OwnedRecord], volume: &File) -> io::Result<()> {
         match r.kind.as_str() {
             "write" => volume.write_all_at(&r.data, r.offset)?,
             "zero" => {
-                let zeros = vec![0u8; r.len as usize];
-                volume.write_all_at(&zeros, r.offset)?;
+                // in bounded pieces: a record may zero up to 1 GiB
+                let zeros = vec![0u8; (r.len as usize).min(1 << 20)];
+                let mut at = 0u64;
+                while at < r.len as u64 {
+                    let n = (r.len as u64 - at).min(zeros.len() as u64) as usize;
+                    volume.write_all_at(&zeros[..n], r.offset + at)?;
+                    at += n as u64;
+                }
             }
             _ => {}
         }

@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use lifeboat_format::journal::RecordKind;
 use lifeboat_format::nbd::*;
@@ -24,10 +23,9 @@ pub struct Export {
     pub read_only: bool,
     /// Where writes are captured, in order, before they are acknowledged.
     pub journal: Option<std::sync::Arc<Journal>>,
-    /// Chunks written since the replica last caught up, kept durably.
+    /// Chunks written since the replica last caught up (see dirtymap.rs for
+    /// what survives which crash).
     pub dirty: Option<std::sync::Arc<DirtyMap>>,
-    /// Bytes written, zeroed or trimmed through the export.
-    pub changed_bytes: AtomicU64,
 }
 
 impl Export {
@@ -64,7 +62,6 @@ impl Export {
             read_only,
             journal,
             dirty,
-            changed_bytes: AtomicU64::new(0),
         }
     }
 
@@ -108,7 +105,6 @@ impl Export {
             }
             None => apply()?,
         }
-        self.changed_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 

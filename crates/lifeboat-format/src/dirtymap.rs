@@ -1,7 +1,8 @@
 //! The splitter's persistent dirty map: one bit per chunk of a volume, set
-//! (durably) before a write to that chunk is acknowledged, cleared when the
-//! recovery site holds the chunk. After a crash or a journal overflow, only
-//! chunks whose bit is set need a resync.
+//! before a write to that chunk is acknowledged (written, not synced: exact
+//! after a process crash; a machine crash makes the agent compare every
+//! chunk), cleared when the recovery site holds the chunk. After a crash or a
+//! journal overflow, only chunks whose bit is set need a resync.
 //!
 //! ```text
 //! DIRTY_MAP_V1 | version u32 | chunk_size u32 | size u64 | blake3(header)[..8]   (32 bytes)

@@ -28,6 +28,9 @@ pub const MAX_BATCH_RAW: u32 = 36 << 20;
 const MAX_STR: usize = 4096;
 /// Largest number of hashes or chunk numbers in one frame.
 pub const MAX_HASHES: usize = 4096;
+/// Cut markers of app-consistent cuts have this bit set; periodic
+/// consistency-group markers are milliseconds since the epoch, far below it.
+pub const APP_CUT: u64 = 1 << 62;
 /// A chunk hash that stands for "this chunk is all zeros" (not read, not sent).
 pub const ZERO_HASH: [u8; 32] = [0; 32];
 
@@ -91,6 +94,41 @@ impl VolumeState {
             5 => VolumeState::Error,
             _ => return None,
         })
+    }
+}
+
+/// Health of a replicated volume as the agent reports it ([`Frame::Status`]);
+/// the server keeps the last one it got.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    pub state: VolumeState,
+    pub rpo_ms: u64,
+    pub lag_bytes: u64,
+    pub journal_bytes: u64,
+    pub sent_bytes: u64,
+    pub resync_bytes: u64,
+    /// Bytes the workload changed since the agent started.
+    pub written_bytes: u64,
+    /// A resync pass (initial sync) in progress: data bytes it covers,
+    /// bytes compared so far, estimated ms to go (all 0 outside passes).
+    pub pass_total_bytes: u64,
+    pub pass_done_bytes: u64,
+    pub pass_eta_ms: u64,
+}
+
+impl Health {
+    fn counters(&self) -> [u64; 9] {
+        [
+            self.rpo_ms,
+            self.lag_bytes,
+            self.journal_bytes,
+            self.sent_bytes,
+            self.resync_bytes,
+            self.written_bytes,
+            self.pass_total_bytes,
+            self.pass_done_bytes,
+            self.pass_eta_ms,
+        ]
     }
 }
 
@@ -173,21 +211,7 @@ pub enum Frame {
         resync_done: bool,
     },
     /// agent → server: health of the volume.
-    Status {
-        state: VolumeState,
-        rpo_ms: u64,
-        lag_bytes: u64,
-        journal_bytes: u64,
-        sent_bytes: u64,
-        resync_bytes: u64,
-        /// Bytes the workload changed since the agent started.
-        written_bytes: u64,
-        /// A resync pass (initial sync) in progress: data bytes it covers,
-        /// bytes compared so far, estimated ms to go (all 0 outside passes).
-        pass_total_bytes: u64,
-        pass_done_bytes: u64,
-        pass_eta_ms: u64,
-    },
+    Status(Health),
     Ping {
         t: u64,
     },
@@ -346,31 +370,10 @@ impl Frame {
                 v.extend_from_slice(&seq.to_le_bytes());
                 v.push(*resync_done as u8);
             }
-            Frame::Status {
-                state,
-                rpo_ms,
-                lag_bytes,
-                journal_bytes,
-                sent_bytes,
-                resync_bytes,
-                written_bytes,
-                pass_total_bytes,
-                pass_done_bytes,
-                pass_eta_ms,
-            } => {
+            Frame::Status(h) => {
                 v.push(T_STATUS);
-                v.push(*state as u8);
-                for x in [
-                    rpo_ms,
-                    lag_bytes,
-                    journal_bytes,
-                    sent_bytes,
-                    resync_bytes,
-                    written_bytes,
-                    pass_total_bytes,
-                    pass_done_bytes,
-                    pass_eta_ms,
-                ] {
+                v.push(h.state as u8);
+                for x in h.counters() {
                     v.extend_from_slice(&x.to_le_bytes());
                 }
             }
@@ -523,7 +526,7 @@ impl Frame {
                 let s = r.u8()?;
                 let state = VolumeState::from_u8(s)
                     .ok_or_else(|| FormatError::malformed("status", format!("state {s}")))?;
-                Frame::Status {
+                Frame::Status(Health {
                     state,
                     rpo_ms: r.u64()?,
                     lag_bytes: r.u64()?,
@@ -534,7 +537,7 @@ impl Frame {
                     pass_total_bytes: r.u64()?,
                     pass_done_bytes: r.u64()?,
                     pass_eta_ms: r.u64()?,
-                }
+                })
             }
             T_PING => Frame::Ping { t: r.u64()? },
             T_PONG => Frame::Pong { t: r.u64()? },
@@ -690,7 +693,7 @@ mod tests {
             seq: 5,
             resync_done: false,
         });
-        roundtrip(Frame::Status {
+        roundtrip(Frame::Status(Health {
             state: VolumeState::Resyncing,
             rpo_ms: 1,
             lag_bytes: 2,
@@ -701,7 +704,7 @@ mod tests {
             pass_total_bytes: 7,
             pass_done_bytes: 8,
             pass_eta_ms: 9,
-        });
+        }));
         roundtrip(Frame::Ping { t: 1 });
         roundtrip(Frame::Quiesce { cut_id: 1 << 63 });
         roundtrip(Frame::Quiesced {

@@ -303,19 +303,6 @@ struct Running {
     dirty: Arc<DirtyMap>,
 }
 
-/// Health of every protected volume, for `agent status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct VolumeHealth {
-    pub item: String,
-    pub volume: String,
-    pub state: Option<lifeboat_format::proto::VolumeState>,
-    pub acked_seq: u64,
-    pub rpo_ms: u64,
-    pub sent_bytes: u64,
-    pub resync_bytes: u64,
-    pub error: Option<String>,
-}
-
 fn start_volume(
     cfg: &AgentConfig,
     item: &str,
@@ -476,8 +463,9 @@ fn hook(what: &str, cmd: &str) -> Result<()> {
     }
 }
 
-/// An app-consistent cut: freeze, make every volume durable, append the
-/// cut marker to all the item's journals at once, thaw (always).
+/// An app-consistent cut: freeze, append the cut marker to all the item's
+/// journals at once (the freeze hook makes the file system's state reach
+/// the volumes before the marker), thaw (always).
 fn app_cut(item: &ItemConfig, journals: &[Arc<Journal>], cut_id: u64) -> Result<String> {
     if journals.is_empty() {
         bail!("no volume of {} is being served", item.name);
@@ -508,15 +496,10 @@ fn app_cut(item: &ItemConfig, journals: &[Arc<Journal>], cut_id: u64) -> Result<
 }
 
 /// Run the agent with the config at `path` until `shutdown` resolves.
-/// `health` is refreshed every second (for status output).
 ///
 /// # Errors
 /// A bad config, missing credentials, or a volume that cannot be served.
-pub async fn run(
-    path: PathBuf,
-    health: Arc<std::sync::Mutex<Vec<VolumeHealth>>>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(path: PathBuf, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let mut cfg = AgentConfig::load(&path)?;
     let creds = credentials(&cfg.state_dir)?;
     let tls_cfg = tls::agent_config(&creds.ca, &creds.cert, &creds.key)?;
@@ -538,6 +521,8 @@ pub async fn run(
         })
     };
     let mut running: HashMap<(String, String), Running> = HashMap::new();
+    // the shipping options of volumes started from now on (rebuilt on reload)
+    let mut o = opts(&cfg)?;
     let mut mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -564,7 +549,6 @@ pub async fn run(
                 stop_volume(r);
             }
         }
-        let o = opts(&cfg)?;
         for (k, v) in &want {
             if running.contains_key(k) {
                 continue;
@@ -608,29 +592,6 @@ pub async fn run(
                 }
             }
         }
-        {
-            let mut h = health.lock().unwrap();
-            h.clear();
-            for ((i, v), r) in &running {
-                h.push(VolumeHealth {
-                    item: i.clone(),
-                    volume: v.clone(),
-                    state: r.status.state(),
-                    acked_seq: r.status.acked.load(std::sync::atomic::Ordering::Relaxed),
-                    rpo_ms: r.status.rpo_ms.load(std::sync::atomic::Ordering::Relaxed),
-                    sent_bytes: r
-                        .status
-                        .sent_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    resync_bytes: r
-                        .status
-                        .resync_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    error: r.status.error.lock().unwrap().clone(),
-                });
-            }
-            h.sort_by(|a, b| (&a.item, &a.volume).cmp(&(&b.item, &b.volume)));
-        }
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
@@ -669,7 +630,13 @@ pub async fn run(
             match AgentConfig::load(&path) {
                 Ok(c) => {
                     tracing::info!("{}: config changed, reloading", path.display());
-                    cfg = c;
+                    match opts(&c) {
+                        Ok(x) => {
+                            o = x;
+                            cfg = c;
+                        }
+                        Err(e) => tracing::error!("{e:#}; keeping the previous config"),
+                    }
                 }
                 Err(e) => tracing::error!("{e:#}; keeping the previous config"),
             }

@@ -266,7 +266,10 @@ impl Receiver {
             }
             self.stats.records += 1;
             self.st.applied_seq = r.seq;
-            if r.kind == RecKind::Barrier && r.offset != 0 && r.offset < (1 << 62) {
+            if r.kind == RecKind::Barrier
+                && r.offset != 0
+                && r.offset < lifeboat_format::proto::APP_CUT
+            {
                 self.last_marker = self.last_marker.max(r.offset);
             }
             // a consistency-group cut marker the server waits for
@@ -379,7 +382,7 @@ impl Receiver {
                 Ok(vec![self.ack(io, true)?])
             }
             Frame::Ping { t } => Ok(vec![Frame::Pong { t }]),
-            Frame::Status { .. } | Frame::Pong { .. } => Ok(vec![]),
+            Frame::Status(_) | Frame::Pong { .. } => Ok(vec![]),
             Frame::Error { code, message } => Err(ReceiveError::Protocol(format!(
                 "the agent ended the stream (code {code}): {message}"
             ))),
@@ -404,7 +407,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Want { .. } => "want",
         Frame::ResyncEnd { .. } => "resync-end",
         Frame::Ack { .. } => "ack",
-        Frame::Status { .. } => "status",
+        Frame::Status(_) => "status",
         Frame::Ping { .. } => "ping",
         Frame::Pong { .. } => "pong",
         Frame::Error { .. } => "error",
@@ -522,9 +525,13 @@ mod tests {
         let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16], 0).0;
         assert!(!r2.consistent(), "a half-done pass is not consistent");
         // the real stream goes on
+        let syncs = io.syncs;
         let out = r
             .on_frame(Frame::ResyncEnd { x: 3, settle: 2 }, &mut io)
             .unwrap();
+        // the ack goes out only after the replica is synced and the position persisted
+        assert_eq!(io.syncs, syncs + 1);
+        assert_eq!(io.persisted.as_ref().unwrap().applied_seq, 2);
         assert_eq!(
             out,
             vec![Frame::Ack {

@@ -80,8 +80,8 @@ pub struct QuiesceRequest {
     pub reply: Arc<ShipStatus>,
 }
 
-/// Live health of a shipped volume (read by `agent status` and sent to the
-/// server every second).
+/// Live state of a shipped volume: sent to the server four times a second
+/// (the agent toggles `paused` and queues answers in `outbox`).
 #[derive(Debug, Default)]
 pub struct ShipStatus {
     pub state: Mutex<Option<VolumeState>>,
@@ -90,11 +90,8 @@ pub struct ShipStatus {
     pub sent_bytes: AtomicU64,
     pub resync_bytes: AtomicU64,
     pub resync_chunks_sent: AtomicU64,
-    pub resync_chunks_compared: AtomicU64,
     pub in_flight: AtomicU64,
     pub rpo_ms: AtomicU64,
-    pub passes: AtomicU64,
-    pub connects: AtomicU64,
     /// Frames to send on the stream (answers to the server's requests).
     pub outbox: Mutex<Vec<Frame>>,
     /// Replication paused by the operator: nothing ships, the journal (then
@@ -246,7 +243,6 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         ),
         None => bail!("the server closed the connection"),
     };
-    status.connects.fetch_add(1, Ordering::Relaxed);
     *status.error.lock().unwrap() = None;
     status.acked.store(applied, Ordering::Relaxed);
     tracing::info!(
@@ -293,14 +289,18 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                             _ => 0,
                         };
                     }
-                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                        j.trim(seq)?;
-                        if upto > 0 {
-                            d.clear_acked(upto)?;
-                        }
-                        Ok(())
-                    })
-                    .await??;
+                    // trimming lists segments under the journal lock every
+                    // writer needs: at most twice a second
+                    if clear {
+                        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                            j.trim(seq)?;
+                            if upto > 0 {
+                                d.clear_acked(upto)?;
+                            }
+                            Ok(())
+                        })
+                        .await??;
+                    }
                 }
                 Some(Frame::Want { chunks }) => {
                     let _ = ev_tx.send(Event::Want(chunks)).await;
@@ -353,10 +353,9 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         );
     }
     let mut cursor = Cursor::new(applied + 1);
-    let mut sent_seq = applied;
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let started = Instant::now();
-    let mut pass_started: Option<Instant> = None;
+    let mut flights = Flights::default();
     let mut next_scan = Instant::now();
     let mut last_scan: Option<Instant> = None;
     let result: Result<()> = async {
@@ -376,15 +375,13 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 } else {
                     VolumeState::Resyncing
                 });
-                let began = *pass_started.get_or_insert_with(Instant::now);
+                let began = Instant::now();
                 run_pass(src, opts, status, &mut w, &mut ev_rx, &mut cursor, need_full, &mut ack_rx)
                     .await?;
                 if need_full && opts.scan_interval.is_some() {
                     last_scan = Some(began);
                 }
                 need_full = false;
-                pass_started = None;
-                sent_seq = cursor.next_seq() - 1;
                 continue;
             }
             // paused by the operator: report, keep the journal bounded, ship nothing
@@ -393,7 +390,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 check_overflow(src, opts, status).await?;
                 if last_status.elapsed() >= Duration::from_millis(250) {
                     last_status = Instant::now();
-                    update_rpo(src, status, started, pass_started, opts.scan_interval.map(|_| last_scan));
+                    update_rpo(src, status, started, opts.scan_interval.map(|_| last_scan));
                     send_status(&mut w, src, status).await?;
                 }
                 tokio::select! {
@@ -408,9 +405,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 continue;
             }
             // backpressure: wait while too much is unacknowledged
-            let in_flight = status.in_flight.load(Ordering::Relaxed);
-            if in_flight > opts.window {
+            flights.settle(*ack_rx.borrow(), status);
+            if flights.bytes > opts.window {
                 ack_rx.changed().await.map_err(|_| anyhow!("the connection ended"))?;
+                continue;
             }
             let j = src.journal.clone();
             let mut c = std::mem::replace(&mut cursor, Cursor::new(0));
@@ -450,15 +448,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             // health, four times a second
             if last_status.elapsed() >= Duration::from_millis(250) {
                 last_status = Instant::now();
-                update_rpo(src, status, started, pass_started, opts.scan_interval.map(|_| last_scan));
+                update_rpo(src, status, started, opts.scan_interval.map(|_| last_scan));
                 send_status(&mut w, src, status).await?;
             }
             if recs.is_empty() {
-                let acked = *ack_rx.borrow();
-                status.in_flight.store(
-                    if sent_seq > acked { status.in_flight.load(Ordering::Relaxed) } else { 0 },
-                    Ordering::Relaxed,
-                );
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(5)) => {}
                     r = &mut reader => return Err(match r { Ok(Err(e)) => e, Ok(Ok(())) => anyhow!("reader ended"), Err(e) => e.into() }),
@@ -469,14 +462,9 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             for r in &recs {
                 encode_record_into(&mut payload, kind_of(&r.kind), r.seq, r.offset, r.len, &r.data);
             }
-            sent_seq = recs.last().map(|r| r.seq).unwrap_or(sent_seq);
-            status
-                .in_flight
-                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            let last = recs.last().map(|r| r.seq).unwrap_or(0);
+            flights.push(last, payload.len() as u64, status);
             w.send(&batch(payload)).await?;
-            if *ack_rx.borrow() >= sent_seq {
-                status.in_flight.store(0, Ordering::Relaxed);
-            }
         }
     }
     .await;
@@ -513,18 +501,12 @@ async fn check_overflow(
 /// RPO: the age of the oldest write the recovery site may lack. Splitter:
 /// the oldest unacknowledged record (or the running pass); scan: the start
 /// of the last completed scan (writes since may be missing).
-fn update_rpo(
-    src: &Source,
-    status: &ShipStatus,
-    started: Instant,
-    pass_started: Option<Instant>,
-    scan: Option<Option<Instant>>,
-) {
+fn update_rpo(src: &Source, status: &ShipStatus, started: Instant, scan: Option<Option<Instant>>) {
     let acked = status.acked.load(Ordering::Relaxed);
     let committed = src.journal.committed();
     let rpo = if let Some(last) = scan {
         last.unwrap_or(started).elapsed()
-    } else if let Some(p) = pass_started {
+    } else if let Some(p) = *status.pass_started.lock().unwrap() {
         p.elapsed()
     } else if committed > acked {
         src.journal
@@ -562,7 +544,7 @@ async fn send_status<W: AsyncWrite + Unpin>(
         }
         _ => 0,
     };
-    let f = Frame::Status {
+    let f = Frame::Status(lifeboat_format::proto::Health {
         state: status.state().unwrap_or(VolumeState::Protected),
         rpo_ms: status.rpo_ms.load(Ordering::Relaxed),
         lag_bytes: status.in_flight.load(Ordering::Relaxed),
@@ -573,8 +555,33 @@ async fn send_status<W: AsyncWrite + Unpin>(
         pass_total_bytes: total,
         pass_done_bytes: done,
         pass_eta_ms: eta_ms,
-    };
+    });
     w.send(&f).await
+}
+
+/// Batches sent and not yet acknowledged: (last seq, bytes). Their sum is
+/// the lag the agent reports and what backpressure bounds.
+#[derive(Default)]
+struct Flights {
+    sent: std::collections::VecDeque<(u64, u64)>,
+    bytes: u64,
+}
+
+impl Flights {
+    fn push(&mut self, seq: u64, bytes: u64, status: &ShipStatus) {
+        self.sent.push_back((seq, bytes));
+        self.bytes += bytes;
+        status.in_flight.store(self.bytes, Ordering::Relaxed);
+    }
+
+    /// Forget the batches the server acknowledged.
+    fn settle(&mut self, acked: u64, status: &ShipStatus) {
+        while self.sent.front().is_some_and(|(s, _)| *s <= acked) {
+            let (_, b) = self.sent.pop_front().expect("front exists");
+            self.bytes -= b;
+        }
+        status.in_flight.store(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// A chunk read for a resync: number, bytes (empty for a hole), hash.
@@ -676,6 +683,10 @@ async fn run_pass<W: AsyncWrite + Unpin>(
     for group in chunks.chunks(MAX_HASHES.min(512)) {
         if last_report.elapsed() >= Duration::from_millis(250) {
             last_report = Instant::now();
+            if opts.scan_interval.is_none() {
+                // during a pass the RPO is the pass's age
+                update_rpo(src, status, Instant::now(), None);
+            }
             send_status(w, src, status).await?;
         }
         // keep the journal bounded during long passes too
@@ -701,9 +712,6 @@ async fn run_pass<W: AsyncWrite + Unpin>(
             Ok(out)
         })
         .await??;
-        status
-            .resync_chunks_compared
-            .fetch_add(read.len() as u64, Ordering::Relaxed);
         w.send(&Frame::Hashes {
             chunks: read.iter().map(|(c, _, h)| (*c, *h)).collect(),
         })
@@ -749,7 +757,6 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         Err(_) => bail!("the server did not acknowledge the resync within 120 s"),
     }
     let _ = ack_rx.borrow_and_update();
-    status.passes.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
         "{}/{}: resync pass to seq {x} done ({} chunks compared, {} sent so far)",
         src.item,

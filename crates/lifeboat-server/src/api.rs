@@ -113,7 +113,12 @@ pub fn status_of(st: &State) -> anyhow::Result<Status> {
         // try_lock: a point cut holds the replica while it scans
         let (applied, consistent) = match live.and_then(|l| l.replica.try_lock().ok()) {
             Some(g) => (g.applied_seq, g.consistent),
-            None => (r.applied_seq, r.synced && r.consistent),
+            None => (
+                r.applied_seq,
+                st.db
+                    .stream_state(&r.item, &r.volume)
+                    .is_ok_and(|s| s.is_consistent()),
+            ),
         };
         let connected = live.is_some_and(|l| l.connected);
         let report = live.and_then(|l| l.report.clone());

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::replica::{Io, Replica};
-use crate::{AgentReport, LiveVolume, State};
+use crate::{LiveVolume, State};
 
 fn err(code: u16, message: impl Into<String>) -> Frame {
     Frame::Error {
@@ -273,7 +273,6 @@ where
             report: None,
             error: None,
             bytes_received: 0,
-            records: 0,
             resync_chunks_compared: 0,
             resync_chunks_received: 0,
             resync_bytes_received: 0,
@@ -398,33 +397,10 @@ where
                 bail!("{item}/{volume}: agent {agent_id} was revoked; stream closed");
             }
         }
-        if let Frame::Status {
-            state,
-            rpo_ms,
-            lag_bytes,
-            journal_bytes,
-            sent_bytes,
-            resync_bytes,
-            written_bytes,
-            pass_total_bytes,
-            pass_done_bytes,
-            pass_eta_ms,
-        } = &f
-        {
+        if let Frame::Status(h) = &f {
             let mut vols = st.volumes.lock().unwrap();
             if let Some(v) = vols.get_mut(&key) {
-                v.report = Some(AgentReport {
-                    state: *state,
-                    rpo_ms: *rpo_ms,
-                    lag_bytes: *lag_bytes,
-                    journal_bytes: *journal_bytes,
-                    sent_bytes: *sent_bytes,
-                    resync_bytes: *resync_bytes,
-                    written_bytes: *written_bytes,
-                    pass_total_bytes: *pass_total_bytes,
-                    pass_done_bytes: *pass_done_bytes,
-                    pass_eta_ms: *pass_eta_ms,
-                });
+                v.report = Some(h.clone());
                 v.last_contact = Some(Instant::now());
             }
             continue;
@@ -450,7 +426,6 @@ where
             if let Some(v) = vols.get_mut(&key) {
                 v.last_contact = Some(Instant::now());
                 v.bytes_received = rx.stats.bytes_written + rx.stats.resync_bytes_received;
-                v.records = rx.stats.records;
                 v.resync_chunks_compared = rx.stats.resync_chunks_compared;
                 v.resync_chunks_received = rx.stats.resync_chunks_received;
                 v.resync_bytes_received = rx.stats.resync_bytes_received;

@@ -305,10 +305,12 @@ impl Db {
     }
 
     pub fn forget_points(&self, ids: &[String]) -> Result<()> {
-        let c = self.c.lock().unwrap();
+        let mut c = self.c.lock().unwrap();
+        let t = c.transaction()?;
         for id in ids {
-            c.execute("DELETE FROM points WHERE id = ?1", [id])?;
+            t.execute("DELETE FROM points WHERE id = ?1", [id])?;
         }
+        t.commit()?;
         Ok(())
     }
 

@@ -28,10 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use lifeboat_format::proto::VolumeState;
 use lifeboat_replicate::tls::{self, Ca};
 use lifeboat_store::{Secret, Vault};
-use serde::Serialize;
 
 pub use config::ServerConfig;
 use db::Db;
@@ -118,21 +116,6 @@ pub fn create_token(dir: &Path, site: &str) -> Result<(tls::Token, i64)> {
     Ok((t, exp))
 }
 
-/// What the agent last reported about a volume.
-#[derive(Debug, Clone, Serialize)]
-pub struct AgentReport {
-    pub state: VolumeState,
-    pub rpo_ms: u64,
-    pub lag_bytes: u64,
-    pub journal_bytes: u64,
-    pub sent_bytes: u64,
-    pub resync_bytes: u64,
-    pub written_bytes: u64,
-    pub pass_total_bytes: u64,
-    pub pass_done_bytes: u64,
-    pub pass_eta_ms: u64,
-}
-
 /// Live state of a replicated volume.
 pub struct LiveVolume {
     pub item: String,
@@ -141,10 +124,10 @@ pub struct LiveVolume {
     pub replica: Arc<Mutex<Replica>>,
     pub connected: bool,
     pub last_contact: Option<Instant>,
-    pub report: Option<AgentReport>,
+    /// What the agent last reported.
+    pub report: Option<lifeboat_format::proto::Health>,
     pub error: Option<String>,
     pub bytes_received: u64,
-    pub records: u64,
     pub resync_chunks_compared: u64,
     pub resync_chunks_received: u64,
     pub resync_bytes_received: u64,

@@ -16,11 +16,9 @@ use serde::Serialize;
 
 use lifeboat_format::proto::Frame;
 
-use crate::db::{now, PointRow};
+use lifeboat_format::proto::APP_CUT;
 
-/// Cut markers of app-consistent cuts have this bit set (periodic group
-/// markers are milliseconds since the epoch, far below it).
-pub const APP_CUT: u64 = 1 << 62;
+use crate::db::PointRow;
 use crate::State;
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +62,16 @@ pub async fn cut(
     if reps.is_empty() {
         bail!("no replicated item named {item:?}");
     }
+    // a scheduled cut of an unchanged item is skipped before any stream is
+    // parked (the check is repeated under the locks below)
+    if !force && !reps.iter().any(|(_, r)| r.lock().unwrap().changed) {
+        return Ok(None);
+    }
+    let kind = if app {
+        PointKind::AppConsistent
+    } else {
+        PointKind::CrashConsistent
+    };
     // a consistency group (or an app-consistent cut): stop every volume's
     // stream at the same cut marker; the streams go on when `_parked` drops
     let group = reps.len() >= 2 || app;
@@ -192,11 +200,7 @@ pub async fn cut(
             &vault,
             &specs,
             &CreateOptions {
-                kind: if app {
-                    PointKind::AppConsistent
-                } else {
-                    PointKind::CrashConsistent
-                },
+                kind,
                 tags,
                 journal_seq: Some(seq),
                 ..Default::default()
@@ -212,24 +216,14 @@ pub async fn cut(
             id: rep.id.to_string(),
             item: item.clone(),
             time: rep.time as i64,
-            kind: if app {
-                "app-consistent"
-            } else {
-                "crash-consistent"
-            }
-            .into(),
+            kind: kind.to_string(),
             journal_seq: Some(seq as i64),
             data_bytes: rep.data_bytes as i64,
             added_bytes: added as i64,
         })?;
         let cut = Cut {
             id: rep.id.to_string(),
-            kind: if app {
-                "app-consistent"
-            } else {
-                "crash-consistent"
-            }
-            .into(),
+            kind: kind.to_string(),
             item: item.clone(),
             volumes: reps.iter().map(|r| r.0.clone()).collect(),
             journal_seq: seq,
@@ -324,6 +318,5 @@ pub async fn scheduler(st: Arc<State>) {
                 Err(e) => tracing::debug!("{item}: no point now: {e:#}"),
             }
         }
-        let _ = now();
     }
 }

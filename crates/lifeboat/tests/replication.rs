@@ -211,11 +211,14 @@ fn no_certificate_revoked_agents_and_reused_tokens_are_refused() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not enrolled"));
     // a garbage peer on the agent port changes nothing and the server lives on
+    let before = std::fs::read(s.replica()).unwrap();
     let mut g = std::net::TcpStream::connect(&s.listen).unwrap();
     let _ = g.write_all(b"GET / HTTP/1.0\r\n\r\n garbage garbage");
     drop(g);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(std::fs::read(s.replica()).unwrap(), before);
+    assert_eq!(s.status()["connected"], true, "the real stream goes on");
     // revoke: the stream is closed, later writes do not reach the replica
-    let before = std::fs::read(s.replica()).unwrap();
     ok(lb(d.path(), &["server", "agent", "revoke", "srv", "web01"]));
     let t = Instant::now();
     loop {

@@ -1,7 +1,6 @@
 //! `lifeboat agent`, `lifeboat protect`, `lifeboat unprotect`: the primary site.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -149,8 +148,7 @@ pub fn run(c: AgentCmd) -> Result<()> {
         }
         AgentCmd::Run { config } => {
             let rt = tokio::runtime::Runtime::new()?;
-            let health = Arc::new(Mutex::new(Vec::new()));
-            rt.block_on(agent::run(config, health, async {
+            rt.block_on(agent::run(config, async {
                 let _ = tokio::signal::ctrl_c().await;
             }))
         }

@@ -78,13 +78,9 @@ pub fn run(c: DebugCmd) -> Result<()> {
                 .map(|r| r.len as u64)
                 .sum();
             let map = dir.join("dirty.map");
-            let dirty: Option<Vec<std::ops::Range<u64>>> = if map.exists() {
-                let head = std::fs::read(&map)?;
-                let h = lifeboat_format::dirtymap::DirtyMapHeader::decode(&head)?;
-                Some(
-                    lifeboat_capture::dirtymap::DirtyMap::open(&map, h.chunk_size, h.size)?
-                        .dirty_ranges(),
-                )
+            // read only: opening the map for use would rewrite its state
+            let dirty = if map.exists() {
+                Some(lifeboat_capture::dirtymap::DirtyMap::read_ranges(&map)?)
             } else {
                 None
             };
@@ -99,7 +95,7 @@ pub fn run(c: DebugCmd) -> Result<()> {
                     "trims": count("trim"), "barriers": count("barrier"), "write_bytes": bytes,
                     "first_seq": recs.first().map(|r| r.seq), "last_seq": recs.last().map(|r| r.seq),
                     "dirty_ranges": dirty.as_ref().map(|d| d.len()),
-                    "dirty_bytes": dirty.as_ref().map(|d| d.iter().map(|r| r.end - r.start).sum::<u64>()),
+                    "dirty_bytes": dirty.as_deref().map(lifeboat_capture::extents::total),
                 })
             );
         }

@@ -42,7 +42,7 @@ pub struct ServeArgs {
     pub read_only: bool,
     /// Capture every write, in order, into a journal in this directory
     /// before acknowledging it (FLUSH/FUA become durable barriers), and keep
-    /// a durable dirty map of the chunks written (DIR/dirty.map)
+    /// a dirty map of the chunks written (DIR/dirty.map)
     #[arg(long, value_name = "DIR")]
     pub journal: Option<PathBuf>,
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use lifeboat_server::ServerConfig;
 
@@ -137,22 +137,18 @@ pub fn run(c: ServerCmd) -> Result<()> {
         }
         ServerCmd::Run(a) => {
             let cfg = ServerConfig::load(&a.dir)?;
-            let secret = match (a.secret.secret(), &cfg.password_file, &cfg.key_file) {
-                (Ok(s), _, _) => Some(s),
-                (Err(_), Some(p), _) => Some(lifeboat_store::Secret::Password(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("cannot read {}", p.display()))?
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .as_bytes()
-                        .to_vec(),
-                )),
-                (Err(_), None, Some(k)) => Some(lifeboat_store::Secret::KeyFile(
-                    std::fs::read(k).with_context(|| format!("cannot read {}", k.display()))?,
-                )),
-                (Err(e), None, None) if cfg.vault.is_some() => return Err(e),
-                _ => None,
+            // --password-file/--key-file, else server.toml's, else LIFEBOAT_PASSWORD
+            let args = if a.secret.password_file.is_some() || a.secret.key_file.is_some() {
+                a.secret.clone()
+            } else {
+                SecretArgs {
+                    password_file: cfg.password_file.clone(),
+                    key_file: cfg.key_file.clone(),
+                }
+            };
+            let secret = match &cfg.vault {
+                Some(_) => Some(args.secret()?),
+                None => None,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
