@@ -55,13 +55,13 @@ fn state_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("state")
 }
 
-fn boot_id() -> String {
+pub(crate) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
 
-fn write_state(p: &Path, text: &str) -> io::Result<()> {
+pub(crate) fn write_state(p: &Path, text: &str) -> io::Result<()> {
     let tmp = p.with_extension("state.partial");
     let mut f = File::create(&tmp)?;
     io::Write::write_all(&mut f, text.as_bytes())?;

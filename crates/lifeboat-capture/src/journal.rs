@@ -5,7 +5,17 @@
 //! across both, so the journal order is the volume's order). A barrier
 //! record is followed by fdatasync of the journal, so FLUSH and FUA are
 //! durable in the journal before they are acknowledged. On open, a torn tail
-//! left by a crash is cut off and sequence numbers continue.
+//! left by a process crash is cut off and sequence numbers continue.
+//!
+//! Records are shipped as soon as they are committed, durable or not (the
+//! recovery site must not wait for the primary's disk, and records the
+//! recovery site acknowledges quickly are deleted before they ever reach
+//! it). A process crash loses nothing (the page cache keeps the records);
+//! a machine crash may lose records the recovery site already holds, so
+//! `journal.state` notes the boot id: a journal left open by another boot
+//! starts over under a new identity, and the recovery site, seeing a
+//! journal it does not know, compares every chunk (the dirty map flags them
+//! all for the same reason).
 //!
 //! The journal is also the outage buffer of replication: a [`Cursor`] reads
 //! committed records from any sequence on, [`Journal::trim`] drops segments
@@ -84,6 +94,30 @@ impl Journal {
     /// I/O errors, or a segment whose header is damaged.
     pub fn open(dir: &Path) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
+        let state = dir.join("journal.state");
+        let boot = crate::dirtymap::boot_id();
+        if let Ok(s) = fs::read_to_string(&state) {
+            let mut it = s.split_whitespace();
+            let (was, clean) = (it.next().unwrap_or(""), it.next() == Some("clean"));
+            if !clean && was != boot {
+                tracing::warn!(
+                    "{}: the machine restarted while the journal was open: records not yet \
+                     synced may be lost, so it starts over under a new identity (the recovery \
+                     site compares every chunk)",
+                    dir.display()
+                );
+                for p in segments(dir)? {
+                    fs::remove_file(p)?;
+                }
+                for f in ["journal.id", "journal.floor"] {
+                    match fs::remove_file(dir.join(f)) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                File::open(dir)?.sync_all()?;
+            }
+        }
         let id = journal_id(dir)?;
         let segs = segments(dir)?;
         let (file, len, next_seq) = match segs.last() {
@@ -104,8 +138,7 @@ impl Journal {
                     );
                     f.set_len(seg.valid_len as u64)?;
                 }
-                // what survived is durable from now on (records are shipped
-                // only once durable)
+                // what survived is durable from now on
                 f.sync_all()?;
                 (f, seg.valid_len as u64, next)
             }
@@ -125,6 +158,7 @@ impl Journal {
                 oldest = segment_first_seq(&h).map_err(|e| bad(p, e))?;
             }
         }
+        crate::dirtymap::write_state(&state, &format!("{boot} running\n"))?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             id,
@@ -145,6 +179,19 @@ impl Journal {
     /// This journal's identity.
     pub fn id(&self) -> [u8; 16] {
         self.id
+    }
+
+    /// Stop cleanly: every record durable, and the next open keeps the
+    /// journal even after a reboot.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn close_clean(&self) -> io::Result<()> {
+        self.sync_committed()?;
+        crate::dirtymap::write_state(
+            &self.dir.join("journal.state"),
+            &format!("{} clean\n", crate::dirtymap::boot_id()),
+        )
     }
 
     /// The last sequence number whose record is complete (0 if none).
@@ -348,8 +395,17 @@ impl Journal {
         let seq = g.next_seq;
         let h = encode_record_header(kind, seq, offset, len, data);
         let at = g.len;
-        g.file.write_all_at(&h, at)?;
-        g.file.write_all_at(data, at + h.len() as u64)?;
+        // header and data in one system call
+        let total = h.len() + data.len();
+        let n = rustix::io::pwritev(&g.file, &[io::IoSlice::new(&h), io::IoSlice::new(data)], at)
+            .map_err(io::Error::from)?;
+        if n < h.len() {
+            g.file.write_all_at(&h[n..], at + n as u64)?;
+            g.file.write_all_at(data, at + h.len() as u64)?;
+        } else if n < total {
+            let d = n - h.len();
+            g.file.write_all_at(&data[d..], at + n as u64)?;
+        }
         apply(seq)?;
         let used = (h.len() + data.len()) as u64;
         g.len = at + used;
@@ -492,7 +548,7 @@ impl Cursor {
         journal: &Journal,
         max_bytes: usize,
     ) -> Result<Vec<OwnedRecord>, CursorError> {
-        let committed = journal.durable();
+        let committed = journal.committed();
         let mut out = Vec::new();
         let mut used = 0usize;
         while self.next <= committed && used < max_bytes {
@@ -720,19 +776,15 @@ mod tests {
     }
 
     #[test]
-    fn a_cursor_ships_only_durable_records_and_trim_and_drop_keep_a_floor() {
+    fn a_cursor_reads_committed_records_and_trim_and_drop_keep_a_floor() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         for i in 0..5u8 {
             j.record(RecordKind::Write, i as u64, 1, &[i], |_| Ok(()))
                 .unwrap();
         }
+        assert_eq!(j.durable(), 0, "nothing synced yet");
         let mut c = Cursor::new(1);
-        assert!(
-            c.read(&j, 1 << 20).unwrap().is_empty(),
-            "nothing durable yet"
-        );
-        assert_eq!(j.sync_committed().unwrap(), 5);
         let r = c.read(&j, 1 << 20).unwrap();
         assert_eq!(
             r.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -761,5 +813,32 @@ mod tests {
         assert_eq!(j.durable(), 7, "what survived a restart is durable");
         assert_eq!(j.floor(), 3);
         assert_ne!(j.id(), [0; 16]);
+    }
+
+    #[test]
+    fn a_journal_left_open_by_another_boot_starts_over_under_a_new_identity() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let id = j.id();
+        j.record(RecordKind::Write, 0, 1, b"a", |_| Ok(())).unwrap();
+        drop(j);
+        // a process crash (same boot): the journal and its identity stay
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!((j.id(), j.committed()), (id, 1));
+        j.close_clean().unwrap();
+        drop(j);
+        // a clean stop, then a reboot: still the same journal
+        std::fs::write(d.path().join("journal.state"), "another-boot clean\n").unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!((j.id(), j.committed()), (id, 1));
+        drop(j);
+        // left open by another boot (a machine crash): records not synced
+        // may be gone, so it starts over with a new identity
+        std::fs::write(d.path().join("journal.state"), "another-boot running\n").unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        assert_ne!(j.id(), id);
+        assert_eq!(j.committed(), 0);
+        assert_eq!(j.floor(), 0);
+        assert!(Cursor::new(1).read(&j, 1 << 20).unwrap().is_empty());
     }
 }

@@ -4,13 +4,13 @@
 //! are durable in the volume and the journal before they return. Fixed newstyle handshake, simple and structured
 //! replies, `base:allocation` block status from SEEK_DATA/SEEK_HOLE, and
 //! READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE, DISC over TCP or a
-//! Unix socket. One thread per connection; requests of a connection are
-//! served in order. The wire format is in `lifeboat_format::nbd`.
+//! Unix socket. Per connection, one thread reads requests and a few serve
+//! them concurrently, replying as each is done. The wire format is in `lifeboat_format::nbd`.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use lifeboat_format::nbd::*;
 
@@ -34,7 +34,7 @@ fn read_exact<S: Read>(s: &mut S, n: usize) -> io::Result<Vec<u8>> {
 ///
 /// # Errors
 /// I/O errors on the socket and protocol violations.
-pub fn handle<S: Read + Write>(mut s: S, export: &Export, shutdown: &AtomicBool) -> io::Result<()> {
+pub fn handle<S: Conn>(mut s: S, export: &Export, shutdown: &AtomicBool) -> io::Result<()> {
     // --- handshake
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
@@ -137,12 +137,76 @@ pub fn handle<S: Read + Write>(mut s: S, export: &Export, shutdown: &AtomicBool)
     }
 
     // --- transmission
+    transmission(s, export, structured, base_allocation, shutdown)
+}
+
+/// Requests of one connection served at once (reads in parallel; writes
+/// meet at the journal lock, which keeps the journal and the volume in the
+/// same order).
+const WORKERS: usize = 4;
+
+/// Requests up to this size are served by the reading thread itself:
+/// handing them to a worker costs more than serving them.
+const INLINE_MAX: u32 = 64 << 10;
+
+/// The transmission phase: this thread reads requests (through a buffer,
+/// so several small requests cost one read), serves small ones itself and
+/// hands large ones and flushes to `WORKERS` threads; each reply is sent as
+/// soon as it is ready, in any order, as NBD allows. A request is
+/// acknowledged only after it is done; DISC and end of input wait for every
+/// request in flight.
+fn transmission<S: Conn>(
+    s: S,
+    export: &Export,
+    structured: bool,
+    base_allocation: bool,
+    shutdown: &AtomicBool,
+) -> io::Result<()> {
+    let out = Mutex::new(s.dup()?);
+    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+    let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(WORKERS);
+    let rx = Mutex::new(rx);
+    let mut r = io::BufReader::with_capacity(256 << 10, s);
+    let run = |req: Request, payload: Vec<u8>| {
+        let reply = match serve(export, &req, &payload, structured, base_allocation) {
+            Ok(v) => v,
+            Err((errno, msg)) if structured => structured_error(req.cookie, errno, &msg),
+            Err((errno, _)) => simple_reply(req.cookie, errno).to_vec(),
+        };
+        if let Err(e) = out.lock().unwrap().write_all(&reply) {
+            failed.lock().unwrap().get_or_insert(e);
+        }
+    };
+    let res = std::thread::scope(|sc| {
+        for _ in 0..WORKERS {
+            sc.spawn(|| loop {
+                let job = rx.lock().unwrap().recv();
+                let Ok((req, payload)) = job else { return };
+                run(req, payload);
+            });
+        }
+        let res = read_requests(&mut r, &tx, shutdown, &run);
+        drop(tx);
+        res
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) if res.is_ok() => Err(e),
+        _ => res,
+    }
+}
+
+fn read_requests<R: Read>(
+    r: &mut R,
+    tx: &mpsc::SyncSender<(Request, Vec<u8>)>,
+    shutdown: &AtomicBool,
+    inline: &dyn Fn(Request, Vec<u8>),
+) -> io::Result<()> {
     loop {
         if shutdown.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut h = [0u8; REQUEST_LEN];
-        match s.read_exact(&mut h) {
+        match r.read_exact(&mut h) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -155,24 +219,44 @@ pub fn handle<S: Read + Write>(mut s: S, export: &Export, shutdown: &AtomicBool)
             )));
         }
         let payload = if req.kind == CMD_WRITE {
-            read_exact(&mut s, req.len as usize)?
+            read_exact(r, req.len as usize)?
         } else {
             Vec::new()
         };
         if req.kind == CMD_DISC {
             return Ok(());
         }
-        let out = serve(export, &req, &payload, structured, base_allocation);
-        match out {
-            Ok(reply) => s.write_all(&reply)?,
-            Err((errno, msg)) => {
-                if structured {
-                    s.write_all(&structured_error(req.cookie, errno, &msg))?;
-                } else {
-                    s.write_all(&simple_reply(req.cookie, errno))?;
-                }
-            }
+        let quick = matches!(
+            req.kind,
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE | CMD_BLOCK_STATUS
+        ) && req.len <= INLINE_MAX
+            && req.flags & CMD_FLAG_FUA == 0;
+        if quick {
+            inline(req, payload);
+        } else if tx.send((req, payload)).is_err() {
+            return Ok(());
         }
+    }
+}
+
+/// A connection whose two directions can be used from two threads.
+pub trait Conn: Read + Write + Send + Sized {
+    /// Another handle on the same connection.
+    ///
+    /// # Errors
+    /// As `try_clone`.
+    fn dup(&self) -> io::Result<Self>;
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn dup(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+impl Conn for std::net::TcpStream {
+    fn dup(&self) -> io::Result<Self> {
+        self.try_clone()
     }
 }
 
@@ -345,7 +429,7 @@ fn block_status(f: &File, offset: u64, len: u64, one: bool) -> io::Result<Vec<(u
 pub fn serve_listener<L, S>(accept: L, export: Arc<Export>, shutdown: Arc<AtomicBool>)
 where
     L: Fn() -> io::Result<S>,
-    S: Read + Write + Send + 'static,
+    S: Conn + 'static,
 {
     while !shutdown.load(Ordering::Relaxed) {
         match accept() {

@@ -156,7 +156,9 @@ pub enum Frame {
         /// Identity of the agent's journal: sequence numbers are only
         /// comparable within one journal.
         journal_id: [u8; 16],
-        /// The last sequence durable in that journal.
+        /// The last sequence that journal holds (records it may have
+        /// shipped: the replica is a crash state again only once the stream
+        /// has replayed up to it).
         durable: u64,
     },
     /// server → agent: where the replica stands.

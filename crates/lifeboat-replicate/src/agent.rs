@@ -438,6 +438,9 @@ fn stop_volume(r: Running) {
     if let Err(e) = r.dirty.close_clean() {
         tracing::warn!("dirty map: {e}");
     }
+    if let Err(e) = r.journal.close_clean() {
+        tracing::warn!("journal: {e}");
+    }
 }
 
 fn hook(what: &str, cmd: &str) -> Result<()> {

@@ -51,7 +51,20 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
 pub fn batch(payload: Vec<u8>) -> Frame {
     let raw_len = payload.len() as u32;
     if payload.len() >= 512 {
-        if let Ok(c) = zstd::bulk::compress(&payload, 1) {
+        // one compression context per thread: making one per batch cost
+        // more than compressing a batch of small writes
+        thread_local! {
+            static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let c = CCTX.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = zstd::bulk::Compressor::new(1).ok();
+            }
+            cell.as_mut().map(|z| z.compress(&payload))
+        });
+        if let Some(Ok(c)) = c {
             if c.len() < payload.len() - payload.len() / 16 {
                 return Frame::Batch {
                     codec: 1,
@@ -80,7 +93,20 @@ pub fn open_batch(codec: u8, raw_len: u32, payload: &[u8]) -> Result<Vec<Rec>> {
     let bytes = match codec {
         0 => payload,
         1 => {
-            raw = zstd::bulk::decompress(payload, raw_len as usize)
+            thread_local! {
+                static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            raw = DCTX
+                .with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    if cell.is_none() {
+                        *cell = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    cell.as_mut()
+                        .expect("just made")
+                        .decompress(payload, raw_len as usize)
+                })
                 .context("batch does not decompress")?;
             &raw[..]
         }

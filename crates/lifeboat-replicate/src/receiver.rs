@@ -131,7 +131,7 @@ impl Receiver {
         // the replica may hold records past `applied_seq` that were applied
         // but not acknowledged (the server stopped in between), in any order:
         // it is a crash state again only once the stream has replayed every
-        // record the agent holds durably
+        // record the agent holds
         if durable > st.applied_seq {
             st.settle = st.settle.max(durable);
         }

@@ -225,7 +225,9 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         size: src.size,
         chunk_size: src.dirty.chunk_size(),
         journal_id: src.journal.id(),
-        durable: src.journal.durable(),
+        // what a restarted server may have applied without acknowledging:
+        // any record this journal holds
+        durable: src.journal.committed(),
     })
     .await?;
     let (applied, synced) = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
@@ -267,41 +269,48 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             let f = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
                 .await
                 .map_err(|_| anyhow!("the server has been silent for 30 s"))??;
-            match f {
-                Some(Frame::Ack { seq, resync_done }) => {
-                    rstatus.acked.store(seq, Ordering::Relaxed);
-                    let _ = ack_tx.send(seq);
-                    if resync_done {
-                        rsrc.dirty.pass_end(true);
-                        let _ = ev_tx.send(Event::ResyncAcked).await;
-                    }
-                    let (j, d) = (rsrc.journal.clone(), rsrc.dirty.clone());
-                    let clear = last_clear.elapsed() > Duration::from_millis(500);
-                    let mut upto = 0;
-                    if clear {
-                        last_clear = Instant::now();
-                        samples.push_back((Instant::now(), j.committed()));
-                        while samples.len() > 1 && samples[1].0.elapsed() >= HOT {
-                            samples.pop_front();
-                        }
-                        upto = match samples.front() {
-                            Some((t, c)) if t.elapsed() >= HOT => seq.min(*c),
-                            _ => 0,
-                        };
-                    }
-                    // trimming lists segments under the journal lock every
-                    // writer needs: at most twice a second
-                    if clear {
-                        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                            j.trim(seq)?;
-                            if upto > 0 {
-                                d.clear_acked(upto)?;
-                            }
-                            Ok(())
-                        })
-                        .await??;
-                    }
+            let ack = matches!(f, Some(Frame::Ack { .. }));
+            if let Some(Frame::Ack { seq, resync_done }) = &f {
+                rstatus.acked.store(*seq, Ordering::Relaxed);
+                let _ = ack_tx.send(*seq);
+                if *resync_done {
+                    rsrc.dirty.pass_end(true);
+                    let _ = ev_tx.send(Event::ResyncAcked).await;
                 }
+            }
+            // On acks and on the pongs that answer the pings (4 per second),
+            // so the last ack of a burst is acted on too.
+            if ack || matches!(f, Some(Frame::Pong { .. })) {
+                let seq = rstatus.acked.load(Ordering::Relaxed);
+                let (j, d) = (rsrc.journal.clone(), rsrc.dirty.clone());
+                let clear = last_clear.elapsed() > Duration::from_millis(500);
+                let mut upto = 0;
+                if clear {
+                    last_clear = Instant::now();
+                    samples.push_back((Instant::now(), j.committed()));
+                    while samples.len() > 1 && samples[1].0.elapsed() >= HOT {
+                        samples.pop_front();
+                    }
+                    upto = match samples.front() {
+                        Some((t, c)) if t.elapsed() >= HOT => seq.min(*c),
+                        _ => 0,
+                    };
+                }
+                // trimming lists segments under the journal lock every
+                // writer needs: at most twice a second
+                if clear {
+                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                        j.trim(seq)?;
+                        if upto > 0 {
+                            d.clear_acked(upto)?;
+                        }
+                        Ok(())
+                    })
+                    .await??;
+                }
+            }
+            match f {
+                Some(Frame::Ack { .. }) => {}
                 Some(Frame::Want { chunks }) => {
                     let _ = ev_tx.send(Event::Want(chunks)).await;
                 }
@@ -414,11 +423,8 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             let mut c = std::mem::replace(&mut cursor, Cursor::new(0));
             let max = opts.batch_max;
             let (c, recs) = tokio::task::spawn_blocking(move || {
-                // only durable records leave: a power loss never takes back
-                // a record the recovery site holds
-                if let Err(e) = j.sync_committed() {
-                    return (c, Err(CursorError::Io(e)));
-                }
+                // committed records leave at once, durable or not (see the
+                // journal's module doc for what a machine crash does)
                 let r = c.read(&j, max);
                 (c, r)
             })
