@@ -8,9 +8,11 @@
 //!   files are written to a hidden `.NAME.lifeboat-partial` beside the
 //!   destination and renamed; objects are written with a multipart upload
 //!   that becomes visible only on completion (or one server-side copy);
-//! * an interrupted local-destination copy keeps its partial file and a
-//!   checkpoint, and `--resume` continues from the checkpoint if the source
-//!   is unchanged (same size and modification time, or ETag for objects);
+//! * an interrupted copy keeps what it did and a checkpoint (a local
+//!   destination: its partial file; an object destination: the multipart
+//!   upload, with the checkpoint in the state directory), and `--resume`
+//!   continues from the checkpoint if the source is unchanged (same size and
+//!   modification time, or ETag for objects);
 //! * a source that changes size during the copy is an error, and the
 //!   destination is left unchanged.
 //!
@@ -23,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lifeboat_capture::scan::Progress;
-use lifeboat_store::backend::object::{build_store, ObjectUrl};
+use lifeboat_store::backend::object::{build_stores, ObjectUrl};
 use object_store::ObjectStore;
 use serde::Serialize;
 
@@ -75,6 +77,8 @@ pub enum Endpoint {
     Object {
         url: ObjectUrl,
         store: Arc<dyn ObjectStore>,
+        /// The same client's multipart API (resumable uploads).
+        multipart: Arc<dyn object_store::multipart::MultipartStore>,
         path: object_store::path::Path,
     },
 }
@@ -102,9 +106,15 @@ impl Endpoint {
                         url.scheme, url.bucket
                     )));
                 }
-                let store = build_store(&url).map_err(|e| CopyError::Invalid(e.to_string()))?;
+                let (store, multipart) =
+                    build_stores(&url).map_err(|e| CopyError::Invalid(e.to_string()))?;
                 let path = object_store::path::Path::from(url.prefix.as_str());
-                Ok(Endpoint::Object { url, store, path })
+                Ok(Endpoint::Object {
+                    url,
+                    store,
+                    multipart,
+                    path,
+                })
             }
         }
     }

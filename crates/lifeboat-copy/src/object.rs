@@ -1,8 +1,9 @@
 //! Copies to, from and between object stores.
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -12,6 +13,7 @@ use lifeboat_capture::scan::Progress;
 use lifeboat_store::backend::object::runtime;
 use lifeboat_store::crypto::is_zero;
 use object_store::{ObjectStoreExt, WriteMultipart};
+use serde::{Deserialize, Serialize};
 
 use crate::local::{open_partial, publish, save_checkpoint, Checkpoint};
 use crate::{io_err, CopyError, CopyOptions, CopyReport, Endpoint, Result};
@@ -72,59 +74,215 @@ fn parts(
     }
 }
 
+/// What an upload has done, kept in the user's state directory (the
+/// destination is an object, so there is no "beside it"): the multipart
+/// upload and the parts already in the store.
+#[derive(Debug, Serialize, Deserialize)]
+struct UploadCheckpoint {
+    src: String,
+    src_size: u64,
+    /// mtime (ns) of the source when the upload started.
+    src_version: String,
+    dst: String,
+    part_size: u64,
+    upload_id: String,
+    /// part index → the store's id for it
+    parts: BTreeMap<usize, String>,
+}
+
+/// `$LIFEBOAT_STATE_DIR`, else `$XDG_STATE_HOME/lifeboat`, else
+/// `~/.local/state/lifeboat`.
+fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LIFEBOAT_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("lifeboat");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/state/lifeboat")
+}
+
+/// Where the checkpoint of an upload of `src` to `dst` lives.
+pub(crate) fn upload_checkpoint_path(src: &Path, dst: &Endpoint) -> PathBuf {
+    let abs = std::fs::canonicalize(src).unwrap_or_else(|_| src.to_path_buf());
+    let key = blake3::hash(format!("{}\n{}", abs.display(), dst.display()).as_bytes());
+    state_dir()
+        .join("uploads")
+        .join(format!("{}.json", &key.to_hex()[..32]))
+}
+
+fn save_upload(path: &Path, c: &UploadCheckpoint) -> Result<()> {
+    let dir = path.parent().expect("in a directory");
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "create state directory", e))?;
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec(c).expect("checkpoint serializes");
+    (|| {
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })()
+    .map_err(|e| io_err(path, "write upload checkpoint", e))
+}
+
 /// Upload a local file or device. Holes are not read; objects have no holes,
-/// so they are sent as zeros. The object appears only when the multipart
-/// upload completes; on error the upload is aborted.
+/// so they are sent as zeros. Parts go up in parallel through the store's
+/// multipart API and each finished part is recorded in a checkpoint; the
+/// object appears only when the upload is completed. After a network error
+/// or an interruption the upload and its checkpoint are kept, and
+/// `--resume` uploads only the missing parts (if the source is unchanged);
+/// a new copy without `--resume` aborts the old upload. A source that
+/// changes size aborts the upload.
 pub(crate) fn local_to_object(
     src: &Path,
     dst: &Endpoint,
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
-    let (store, path) = parts(dst);
+    let Endpoint::Object {
+        store,
+        multipart,
+        path,
+        ..
+    } = dst
+    else {
+        unreachable!("object endpoint expected")
+    };
     let f = File::open(src).map_err(|e| io_err(src, "open", e))?;
+    let md = f.metadata().map_err(|e| io_err(src, "stat", e))?;
     let size = volume_size(&f).map_err(|e| io_err(src, "size", e))?;
     let extents = data_extents(&f, size).map_err(|e| io_err(src, "find data extents", e))?;
     let data = total(&extents);
+    let version = format!("{}.{}", md.mtime(), md.mtime_nsec());
+    let part = opts.part_size.max(1);
+    let nparts = size.div_ceil(part) as usize;
+    let ckpt_path = upload_checkpoint_path(src, dst);
     progress.start(size, size);
-    let part = opts.part_size as usize;
-    let res: Result<()> = runtime().block_on(async {
-        let upload = store.put_multipart(path).await.map_err(|e| remote(dst, "start upload", e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, part);
-        let mut buf = vec![0u8; part];
-        let mut pos = 0u64;
-        let result: Result<()> = async {
-            while pos < size {
-                let n = ((size - pos).min(part as u64)) as usize;
-                fill_from_extents(&f, src, &extents, pos, &mut buf[..n])?;
-                w.wait_for_capacity(opts.parallel).await.map_err(|e| remote(dst, "upload part", e))?;
-                w.write(&buf[..n]);
-                pos += n as u64;
-                progress.advance(n as u64);
+    if size == 0 {
+        runtime()
+            .block_on(store.put(path, object_store::PutPayload::default()))
+            .map_err(|e| remote(dst, "upload", e))?;
+        return Ok(CopyReport {
+            method: "multipart-upload".into(),
+            ..Default::default()
+        });
+    }
+    let old: Option<UploadCheckpoint> = std::fs::read(&ckpt_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let src_name = src.display().to_string();
+    let res: Result<(u64, u64)> = runtime().block_on(async {
+        let resumable = old.as_ref().is_some_and(|c| {
+            c.src == src_name
+                && c.src_size == size
+                && c.src_version == version
+                && c.dst == dst.display()
+                && c.part_size == part
+        });
+        let mut ck = match old {
+            Some(c) if opts.resume && resumable => c,
+            old => {
+                if let Some(c) = old {
+                    if opts.resume {
+                        tracing::warn!(
+                            "{}: the upload checkpoint does not match the source; starting over",
+                            ckpt_path.display()
+                        );
+                    }
+                    // a new copy replaces the interrupted one
+                    let _ = multipart.abort_multipart(path, &c.upload_id).await;
+                }
+                let id = multipart
+                    .create_multipart(path)
+                    .await
+                    .map_err(|e| remote(dst, "start upload", e))?;
+                UploadCheckpoint {
+                    src: src_name.clone(),
+                    src_size: size,
+                    src_version: version.clone(),
+                    dst: dst.display(),
+                    part_size: part,
+                    upload_id: id,
+                    parts: BTreeMap::new(),
+                }
             }
-            let now = volume_size(&f).map_err(|e| io_err(src, "size", e))?;
-            if now != size {
-                return Err(CopyError::Invalid(format!("{}: the source changed size during the copy ({size} -> {now}); nothing was published", src.display())));
+        };
+        save_upload(&ckpt_path, &ck)?;
+        let len_of = |i: usize| (size - i as u64 * part).min(part);
+        let resumed: u64 = ck.parts.keys().map(|&i| len_of(i)).sum();
+        progress.advance(resumed);
+        let todo: Vec<usize> = (0..nparts).filter(|i| !ck.parts.contains_key(i)).collect();
+        let id = ck.upload_id.clone();
+        let mut sent = 0u64;
+        let mut results = futures::stream::iter(todo)
+            .map(|i| {
+                let (f, extents, id) = (&f, &extents, &id);
+                async move {
+                    let n = len_of(i) as usize;
+                    let mut buf = vec![0u8; n];
+                    fill_from_extents(f, src, extents, i as u64 * part, &mut buf)?;
+                    let pid = multipart
+                        .put_part(path, id, i, buf.into())
+                        .await
+                        .map_err(|e| remote(dst, "upload part", e))?;
+                    Ok::<_, CopyError>((i, pid, n as u64))
+                }
+            })
+            .buffer_unordered(opts.parallel.max(1));
+        while let Some(r) = results.next().await {
+            let (i, pid, n) = r?;
+            ck.parts.insert(i, pid.content_id);
+            save_upload(&ckpt_path, &ck)?;
+            sent += n;
+            progress.advance(n);
+            if opts
+                .fail_after_checkpoint
+                .is_some_and(|at| resumed + sent >= at)
+            {
+                return Err(CopyError::Invalid(
+                    "test hook: interrupted after a checkpoint".into(),
+                ));
             }
-            Ok(())
         }
-        .await;
-        match result {
-            Ok(()) => {
-                w.finish().await.map_err(|e| remote(dst, "complete upload", e))?;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = w.abort().await;
-                Err(e)
-            }
+        drop(results);
+        let now = volume_size(&f).map_err(|e| io_err(src, "size", e))?;
+        if now != size {
+            let _ = multipart.abort_multipart(path, &id).await;
+            let _ = std::fs::remove_file(&ckpt_path);
+            return Err(CopyError::Invalid(format!(
+                "{}: the source changed size during the copy ({size} -> {now}); nothing was published",
+                src.display()
+            )));
         }
+        let parts = (0..nparts)
+            .map(|i| object_store::multipart::PartId {
+                content_id: ck.parts[&i].clone(),
+            })
+            .collect();
+        multipart
+            .complete_multipart(path, &id, parts)
+            .await
+            .map_err(|e| remote(dst, "complete upload", e))?;
+        let _ = std::fs::remove_file(&ckpt_path);
+        Ok((resumed, sent))
     });
-    res?;
+    let (resumed, sent) = res.map_err(|e| match e {
+        CopyError::Remote { url, op, message } => CopyError::Remote {
+            url,
+            op,
+            message: format!(
+                "{message}; nothing was published, and `lifeboat copy --resume` with the same \
+                 arguments uploads only the missing parts"
+            ),
+        },
+        e => e,
+    })?;
     Ok(CopyReport {
         nominal_bytes: size,
         data_bytes: data,
-        transferred_bytes: size,
+        transferred_bytes: sent,
+        resumed_from: resumed,
         method: "multipart-upload".into(),
         ..Default::default()
     })

@@ -28,6 +28,7 @@ impl Env {
         Command::new(BIN)
             .args(args)
             .env("LIFEBOAT_PASSWORD", "correct horse")
+            .env("LIFEBOAT_STATE_DIR", self.p("state"))
             .output()
             .unwrap()
     }
@@ -596,6 +597,45 @@ fn object_round_trip(scheme: &str) {
         "5MiB",
     ]);
     assert_eq!(r["copy"]["method"], "multipart-upload");
+    // an upload interrupted after some parts: nothing is published, and
+    // --resume sends only the missing parts
+    let obj3 = format!("{scheme}://lifeboat-test/img-{unique}-resumed.raw");
+    let o = Command::new(BIN)
+        .args([
+            "copy",
+            img.to_str().unwrap(),
+            &obj3,
+            "--part-size",
+            "5MiB",
+            "--parallel",
+            "1",
+        ])
+        .env("LIFEBOAT_PASSWORD", "correct horse")
+        .env("LIFEBOAT_STATE_DIR", e.p("state"))
+        .env("LIFEBOAT_TEST_FAIL_COPY_AFTER", (10u64 << 20).to_string())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = e.fail(&["copy", &obj3, e.p("nothing.raw").to_str().unwrap()]);
+    assert!(err.contains("img-"), "the object must not exist yet: {err}");
+    let r = e.json(&[
+        "copy",
+        img.to_str().unwrap(),
+        &obj3,
+        "--part-size",
+        "5MiB",
+        "--resume",
+        "--verify",
+        "--json",
+    ]);
+    assert_eq!(r["copy"]["resumed_from"], 10 << 20, "{r}");
+    assert_eq!(r["copy"]["transferred_bytes"], 22 << 20, "{r}");
+    assert_eq!(r["copy"]["verified"], true);
+    assert_eq!(
+        std::fs::read_dir(e.p("state/uploads")).unwrap().count(),
+        0,
+        "the checkpoint goes once the upload is complete"
+    );
     let r = e.json(&["copy", &obj, &obj2, "--verify", "--json"]);
     assert_eq!(r["copy"]["method"], "server-side");
     let down = e.p("down.raw");

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
@@ -70,6 +71,21 @@ impl ObjectUrl {
 /// # Errors
 /// Configuration the client rejects (missing credentials, bad endpoint).
 pub fn build_store(u: &ObjectUrl) -> BResult<Arc<dyn ObjectStore>> {
+    Ok(build_stores(u)?.0)
+}
+
+/// The store and its multipart API (parts uploaded and committed one by one,
+/// which `lifeboat copy --resume` needs), both on one client.
+///
+/// # Errors
+/// As [`build_store`].
+pub fn build_stores(u: &ObjectUrl) -> BResult<(Arc<dyn ObjectStore>, Arc<dyn MultipartStore>)> {
+    fn both<T: ObjectStore + MultipartStore>(
+        t: T,
+    ) -> (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) {
+        let a = Arc::new(t);
+        (a.clone(), a)
+    }
     let cfg = |e: object_store::Error| {
         BackendError::Config(format!("{}: cannot configure the client: {e}", u.display()))
     };
@@ -101,7 +117,7 @@ pub fn build_store(u: &ObjectUrl) -> BResult<Arc<dyn ObjectStore>> {
             {
                 b = b.with_region("us-east-1");
             }
-            Arc::new(b.build().map_err(cfg)?)
+            both(b.build().map_err(cfg)?)
         }
         "az" => {
             let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
@@ -111,9 +127,9 @@ pub fn build_store(u: &ObjectUrl) -> BResult<Arc<dyn ObjectStore>> {
             if std::env::var("AZURE_STORAGE_USE_EMULATOR").is_ok_and(|v| v == "true" || v == "1") {
                 b = b.with_use_emulator(true).with_allow_http(true);
             }
-            Arc::new(b.build().map_err(cfg)?)
+            both(b.build().map_err(cfg)?)
         }
-        "gs" => Arc::new(
+        "gs" => both(
             object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_client_options(client)
                 .with_retry(retry)

@@ -13,7 +13,9 @@ use crate::common::{human, print_json, Bar};
     after_help = "SRC and DST: a local file, a block device, file:///path, or s3://bucket/key, \
 az://container/blob, gs://bucket/key (credentials from the usual AWS_*, AZURE_*, GOOGLE_* variables).\n\n\
 Progress counts data bytes (holes are neither read nor sent). Nothing appears at DST until the copy is \
-complete; after an interruption DST is unchanged and --resume continues a copy to a local file.\n\n\
+complete; after an interruption DST is unchanged and --resume continues the copy: a local DST from its \
+hidden partial file, an object DST by uploading only the parts still missing (the checkpoint is kept in \
+$LIFEBOAT_STATE_DIR, else ~/.local/state/lifeboat/uploads).\n\n\
 Examples:\n  lifeboat copy vm.raw /mnt/backup/vm.raw --verify\n  lifeboat copy vm.raw az://images/vm.raw\n  \
 lifeboat copy s3://images/vm.raw /var/lib/images/vm.raw --resume"
 )]
