@@ -19,7 +19,7 @@ use crate::wire::Reader;
 use crate::FormatError;
 
 /// Protocol version this build speaks.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
 /// Largest frame (type + body) accepted.
 pub const MAX_FRAME: u32 = 40 << 20;
 /// Largest raw payload of a batch.
@@ -168,16 +168,20 @@ pub enum Frame {
         synced: bool,
     },
     /// agent → server, first frame of an enrollment (no client certificate).
+    /// The agent made its key pair itself: it sends the public key (P-256,
+    /// uncompressed point) and a signature with the private key over the
+    /// token and that key (proof of possession).
     Enroll {
         version: u32,
         token: String,
         agent: String,
+        public_key: Vec<u8>,
+        proof: Vec<u8>,
     },
-    /// server → agent: the agent's credentials.
+    /// server → agent: its certificate (for the key it sent) and the CA.
     Enrolled {
         agent_id: String,
         cert_der: Vec<u8>,
-        key_der: Vec<u8>,
         ca_der: Vec<u8>,
     },
     /// agent → server: records, in order.
@@ -313,23 +317,25 @@ impl Frame {
                 version,
                 token,
                 agent,
+                public_key,
+                proof,
             } => {
                 v.push(T_ENROLL);
                 v.extend_from_slice(&REPLICATION_V1);
                 v.extend_from_slice(&version.to_le_bytes());
                 put_str(&mut v, token);
                 put_str(&mut v, agent);
+                put_bytes(&mut v, public_key);
+                put_bytes(&mut v, proof);
             }
             Frame::Enrolled {
                 agent_id,
                 cert_der,
-                key_der,
                 ca_der,
             } => {
                 v.push(T_ENROLLED);
                 put_str(&mut v, agent_id);
                 put_bytes(&mut v, cert_der);
-                put_bytes(&mut v, key_der);
                 put_bytes(&mut v, ca_der);
             }
             Frame::Batch {
@@ -461,6 +467,8 @@ impl Frame {
                         version,
                         token: get_str(&mut r)?,
                         agent: get_str(&mut r)?,
+                        public_key: get_bytes(&mut r)?,
+                        proof: get_bytes(&mut r)?,
                     }
                 }
             }
@@ -471,7 +479,6 @@ impl Frame {
             T_ENROLLED => Frame::Enrolled {
                 agent_id: get_str(&mut r)?,
                 cert_der: get_bytes(&mut r)?,
-                key_der: get_bytes(&mut r)?,
                 ca_der: get_bytes(&mut r)?,
             },
             T_BATCH => {
@@ -655,11 +662,12 @@ mod tests {
             version: PROTO_VERSION,
             token: "t".into(),
             agent: "a".into(),
+            public_key: vec![4; 65],
+            proof: vec![7; 70],
         });
         roundtrip(Frame::Enrolled {
             agent_id: "x".into(),
             cert_der: vec![1, 2],
-            key_der: vec![3],
             ca_der: vec![],
         });
         let recs = vec![

@@ -249,6 +249,8 @@ pub async fn enroll(server: &str, token: &str, name: &str, state: &Path) -> Resu
             d.display()
         );
     }
+    // the key pair is made here and its private half never leaves this machine
+    let (key_der, public_key, proof) = tls::enrollment_key(&t.to_string())?;
     let s = crate::shipper::connect(server, tls::enroll_config(&t.ca_pin)?).await?;
     let (mut rd, mut wr) = tokio::io::split(s);
     write_frame(
@@ -257,6 +259,8 @@ pub async fn enroll(server: &str, token: &str, name: &str, state: &Path) -> Resu
             version: PROTO_VERSION,
             token: t.to_string(),
             agent: name.to_string(),
+            public_key,
+            proof,
         },
     )
     .await?;
@@ -264,7 +268,6 @@ pub async fn enroll(server: &str, token: &str, name: &str, state: &Path) -> Resu
         Ok(Ok(Some(Frame::Enrolled {
             agent_id,
             cert_der,
-            key_der,
             ca_der,
         }))) => {
             if tls::fingerprint(&ca_der) != t.ca_pin {

@@ -95,6 +95,17 @@ impl Ca {
 
     fn issue(&self, cn: &str, sans: Vec<String>, server: bool) -> Result<(Vec<u8>, Vec<u8>)> {
         let key = KeyPair::generate()?;
+        let cert = self.sign(cn, sans, server, &key)?;
+        Ok((cert, key.serialize_der()))
+    }
+
+    fn sign(
+        &self,
+        cn: &str,
+        sans: Vec<String>,
+        server: bool,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<u8>> {
         let mut p = CertificateParams::new(sans)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
@@ -112,8 +123,30 @@ impl Ca {
         serial[0] &= 0x7f;
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = p.signed_by(&key, &issuer)?;
-        Ok((cert.der().to_vec(), key.serialize_der()))
+        let cert = p.signed_by(key, &issuer)?;
+        Ok(cert.der().to_vec())
+    }
+
+    /// A client certificate for agent `agent_id` and the public key it sent
+    /// at enrollment, once `proof` (its signature over the token and the
+    /// key) verifies: the agent's private key never leaves the agent.
+    ///
+    /// # Errors
+    /// A key that is not a P-256 point, a proof that does not verify.
+    pub fn issue_agent_for(
+        &self,
+        agent_id: &str,
+        token: &str,
+        public_key: &[u8],
+        proof: &[u8],
+    ) -> Result<Vec<u8>> {
+        verify_enrollment(token, public_key, proof)?;
+        self.sign(
+            agent_id,
+            vec![],
+            false,
+            &AgentPublicKey(public_key.to_vec()),
+        )
     }
 
     /// The server's certificate and key (DER).
@@ -131,6 +164,53 @@ impl Ca {
     pub fn issue_agent(&self, agent_id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
         self.issue(agent_id, vec![], false)
     }
+}
+
+/// A public key an agent sent: a P-256 point.
+struct AgentPublicKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for AgentPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// What an agent signs at enrollment.
+fn enrollment_message(token: &str, public_key: &[u8]) -> Vec<u8> {
+    let mut m = b"lifeboat enrollment v2\0".to_vec();
+    m.extend_from_slice(token.as_bytes());
+    m.push(0);
+    m.extend_from_slice(public_key);
+    m
+}
+
+/// Check an agent's proof of possession of the key it sent.
+///
+/// # Errors
+/// A key that is not a P-256 point, or a proof that does not verify.
+pub fn verify_enrollment(token: &str, public_key: &[u8], proof: &[u8]) -> Result<()> {
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        public_key,
+    )
+    .verify(&enrollment_message(token, public_key), proof)
+    .map_err(|_| anyhow!("the enrollment proof does not verify against the public key sent"))
+}
+
+/// The agent's side of enrollment: a new P-256 key pair (PKCS#8 DER, to be
+/// kept), its public key and the proof of possession for `token`.
+///
+/// # Errors
+/// Key generation or signing errors.
+pub fn enrollment_key(token: &str) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    use rcgen::SigningKey;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let public = key.public_key_raw().to_vec();
+    let proof = key.sign(&enrollment_message(token, &public))?;
+    Ok((key.serialize_der(), public, proof))
 }
 
 fn getrandom(b: &mut [u8]) {

@@ -57,8 +57,14 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
         Ok(Ok(Some(f))) => f,
     };
     match first {
-        Frame::Enroll { token, agent, .. } => {
-            let reply = enroll(&st, &token, &agent, peer.is_some()).await;
+        Frame::Enroll {
+            token,
+            agent,
+            public_key,
+            proof,
+            ..
+        } => {
+            let reply = enroll(&st, &token, &agent, &public_key, &proof, peer.is_some()).await;
             let refused = matches!(reply, Frame::Error { .. });
             if let Frame::Error { message, .. } = &reply {
                 tracing::warn!("enrollment of {agent:?} refused: {message}");
@@ -171,7 +177,14 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
     }
 }
 
-async fn enroll(st: &State, token: &str, agent: &str, has_cert: bool) -> Frame {
+async fn enroll(
+    st: &State,
+    token: &str,
+    agent: &str,
+    public_key: &[u8],
+    proof: &[u8],
+    has_cert: bool,
+) -> Frame {
     if has_cert {
         return err(
             code::REFUSED,
@@ -188,6 +201,10 @@ async fn enroll(st: &State, token: &str, agent: &str, has_cert: bool) -> Frame {
         Ok(t) => t,
         Err(e) => return err(code::BAD_TOKEN, format!("{e:#}")),
     };
+    // before the token is used up: a bad key or proof leaves it valid
+    if let Err(e) = lifeboat_replicate::tls::verify_enrollment(token, public_key, proof) {
+        return err(code::PROTOCOL, format!("{e:#}"));
+    }
     let site = match st.db.use_token(&Token::secret_hash(&t.secret), agent) {
         Ok(Ok(site)) => site,
         Ok(Err(why)) => return err(code::BAD_TOKEN, why),
@@ -197,9 +214,9 @@ async fn enroll(st: &State, token: &str, agent: &str, has_cert: bool) -> Frame {
         "agent-{}",
         hex::encode(lifeboat_replicate::tls::random::<6>())
     );
-    let (cert, key) = match st.ca.issue_agent(&id) {
+    let cert = match st.ca.issue_agent_for(&id, token, public_key, proof) {
         Ok(x) => x,
-        Err(e) => return err(code::IO, format!("{e:#}")),
+        Err(e) => return err(code::PROTOCOL, format!("{e:#}")),
     };
     if let Err(e) = st.db.add_agent(&id, agent, &site, &fingerprint(&cert)) {
         return err(code::IO, format!("{e:#}"));
@@ -208,7 +225,6 @@ async fn enroll(st: &State, token: &str, agent: &str, has_cert: bool) -> Frame {
     Frame::Enrolled {
         agent_id: id,
         cert_der: cert,
-        key_der: key,
         ca_der: st.ca.cert_der.clone(),
     }
 }

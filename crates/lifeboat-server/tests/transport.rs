@@ -114,16 +114,18 @@ async fn bad_peers_are_refused_with_a_reason_and_change_nothing() {
         "{f:?}"
     );
     // a bad token
-    let f = answer(
-        &addr,
-        anon.clone(),
+    let f = answer(&addr, anon.clone(), {
+        let token = tls::Token::new(&ca_der).to_string();
+        let (_, public_key, proof) = tls::enrollment_key(&token).unwrap();
         Frame::Enroll {
             version: PROTO_VERSION,
-            token: tls::Token::new(&ca_der).to_string(),
+            token,
             agent: "x".into(),
+            public_key,
+            proof,
         }
-        .encode(),
-    )
+        .encode()
+    })
     .await;
     assert!(
         matches!(
@@ -155,6 +157,48 @@ async fn bad_peers_are_refused_with_a_reason_and_change_nothing() {
     let db = lifeboat_server::open_db(d.path()).unwrap();
     assert!(db.volumes().unwrap().is_empty());
     assert!(db.agents().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_makes_its_key_and_a_bad_proof_leaves_the_token_unused() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, _h) = server(d.path()).await;
+    let addr = b.listen.to_string();
+    let (token, _) = lifeboat_server::create_token(d.path(), "primary").unwrap();
+    let token = token.to_string();
+    let anon = tls::enroll_config(&token.parse::<tls::Token>().unwrap().ca_pin).unwrap();
+    let enroll = |public_key: Vec<u8>, proof: Vec<u8>| {
+        Frame::Enroll {
+            version: PROTO_VERSION,
+            token: token.clone(),
+            agent: "web01".into(),
+            public_key,
+            proof,
+        }
+        .encode()
+    };
+    // a proof made with another key, and a key that is no P-256 point
+    let (_, pk, _) = tls::enrollment_key(&token).unwrap();
+    let (_, _, other_proof) = tls::enrollment_key(&token).unwrap();
+    for (k, p) in [(pk, other_proof.clone()), (vec![4; 10], other_proof)] {
+        let f = answer(&addr, anon.clone(), enroll(k, p)).await;
+        assert!(
+            matches!(&f, Some(Frame::Error { code: code::PROTOCOL, message }) if message.contains("proof")),
+            "{f:?}"
+        );
+    }
+    // the token is still good: the certificate is for the agent's own key
+    let (key_der, pk, proof) = tls::enrollment_key(&token).unwrap();
+    let f = answer(&addr, anon.clone(), enroll(pk, proof)).await;
+    let Some(Frame::Enrolled {
+        cert_der, ca_der, ..
+    }) = f
+    else {
+        panic!("{f:?}")
+    };
+    let cfg = tls::agent_config(&ca_der, &cert_der, &key_der).unwrap();
+    let f = answer(&addr, cfg, hello().encode()).await;
+    assert!(matches!(f, Some(Frame::Welcome { .. })), "{f:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
