@@ -47,10 +47,38 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     Ok(())
 }
 
+/// A cheap guess that zstd would not shrink a batch: every one of up to 8
+/// samples of 4 KiB spread over it has a byte entropy above 7.9 bits
+/// (random, compressed or encrypted data). Mixed batches are compressed.
+fn looks_incompressible(data: &[u8]) -> bool {
+    const SAMPLE: usize = 4096;
+    if data.len() < 4 * SAMPLE {
+        return false;
+    }
+    let n = (data.len() / SAMPLE).min(8);
+    let step = data.len() / n;
+    (0..n).all(|i| {
+        let mut hist = [0u32; 256];
+        for &b in &data[i * step..i * step + SAMPLE] {
+            hist[b as usize] += 1;
+        }
+        let entropy: f64 = hist
+            .iter()
+            .filter(|c| **c > 0)
+            .map(|&c| {
+                let p = c as f64 / SAMPLE as f64;
+                -p * p.log2()
+            })
+            .sum();
+        // 4 KiB of uniform random bytes measures ~7.95 bits (sampling bias)
+        entropy > 7.9
+    })
+}
+
 /// A batch frame of an encoded payload, compressed when that pays.
 pub fn batch(payload: Vec<u8>) -> Frame {
     let raw_len = payload.len() as u32;
-    if payload.len() >= 512 {
+    if payload.len() >= 512 && !looks_incompressible(&payload) {
         // one compression context per thread: making one per batch cost
         // more than compressing a batch of small writes
         thread_local! {
@@ -116,4 +144,39 @@ pub fn open_batch(codec: u8, raw_len: u32, payload: &[u8]) -> Result<Vec<Rec>> {
         bail!("batch is {} bytes, header says {raw_len}", bytes.len());
     }
     Ok(decode_records(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec(f: &Frame) -> u8 {
+        match f {
+            Frame::Batch { codec, .. } => *codec,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn random_batches_skip_zstd_and_text_and_mixed_ones_use_it() {
+        let mut random = vec![0u8; 256 << 10];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog "
+            .iter()
+            .cycle()
+            .take(256 << 10)
+            .copied()
+            .collect();
+        let mut mixed = random.clone();
+        mixed[100 << 10..140 << 10].copy_from_slice(&text[..40 << 10]);
+        assert_eq!(codec(&batch(random)), 0);
+        assert_eq!(codec(&batch(text)), 1);
+        assert_eq!(codec(&batch(mixed)), 1);
+    }
 }
