@@ -44,6 +44,12 @@ pub(crate) fn load_checkpoint(path: &Path) -> Option<Checkpoint> {
 }
 
 pub(crate) fn save_checkpoint(path: &Path, c: &Checkpoint) -> Result<()> {
+    save_json(path, c)
+}
+
+/// Write `c` as JSON to `path` atomically and durably (temporary file,
+/// fsync, rename).
+pub(crate) fn save_json<T: Serialize>(path: &Path, c: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec(c).expect("checkpoint serializes");
     (|| {

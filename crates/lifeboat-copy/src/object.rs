@@ -115,15 +115,7 @@ pub(crate) fn upload_checkpoint_path(src: &Path, dst: &Endpoint) -> PathBuf {
 fn save_upload(path: &Path, c: &UploadCheckpoint) -> Result<()> {
     let dir = path.parent().expect("in a directory");
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "create state directory", e))?;
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec(c).expect("checkpoint serializes");
-    (|| {
-        let mut f = File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })()
-    .map_err(|e| io_err(path, "write upload checkpoint", e))
+    crate::local::save_json(path, c)
 }
 
 /// Upload a local file or device. Holes are not read; objects have no holes,
