@@ -438,6 +438,13 @@ fn stop_volume(r: Running) {
     }
     r.task.abort();
     drop(r.fuse);
+    // Bits stay set for a while after their records are acknowledged (the
+    // hot set saves re-marking a busy region); at a stop every chunk the
+    // recovery site holds can be cleared, so a restart compares none of them.
+    let acked = r.status.acked.load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = r.dirty.clear_acked(acked) {
+        tracing::warn!("dirty map: {e}");
+    }
     if let Err(e) = r.dirty.close_clean() {
         tracing::warn!("dirty map: {e}");
     }
