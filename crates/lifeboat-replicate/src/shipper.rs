@@ -53,10 +53,6 @@ pub struct Source {
     pub dirty: Arc<DirtyMap>,
 }
 
-/// Fewer records than this waiting while a batch is in flight are held
-/// back briefly to travel together (see the shipping loop).
-const COALESCE_RECORDS: u64 = 64;
-
 #[derive(Clone)]
 pub struct ShipOptions {
     pub server: String,
@@ -422,19 +418,6 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             if flights.bytes > opts.window {
                 ack_rx.changed().await.map_err(|_| anyhow!("the connection ended"))?;
                 continue;
-            }
-            // Group commit: while a batch is unacknowledged and only a few
-            // records wait, let them gather until the ack (or 2 ms), so the
-            // server syncs its replica once for many records instead of once
-            // per trickling write.
-            if flights.bytes > 0
-                && src.journal.committed().saturating_sub(cursor.next_seq()) < COALESCE_RECORDS
-            {
-                tokio::select! {
-                    _ = ack_rx.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
-                }
-                flights.settle(*ack_rx.borrow(), status);
             }
             let j = src.journal.clone();
             let mut c = std::mem::replace(&mut cursor, Cursor::new(0));
