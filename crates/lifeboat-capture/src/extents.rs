@@ -35,15 +35,43 @@ pub fn is_block_device(f: &File) -> bool {
 /// # Errors
 /// I/O errors other than "holes not supported".
 pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<Range<u64>>> {
+    data_extents_in(f, 0, size)
+}
+
+/// The data extents of `f` within `[from, size)`, clipped to it: what
+/// [`data_extents`] gives for that window, found without walking the
+/// extents before it.
+///
+/// # Errors
+/// As [`data_extents`].
+pub fn data_extents_in(f: &File, from: u64, size: u64) -> std::io::Result<Vec<Range<u64>>> {
+    data_extents_at_most(f, from, size, usize::MAX)
+}
+
+/// As [`data_extents_in`], but stops after `max` extents (the last one may
+/// then continue past what is returned only if it is cut by `size`).
+///
+/// # Errors
+/// As [`data_extents`].
+pub fn data_extents_at_most(
+    f: &File,
+    from: u64,
+    size: u64,
+    max: usize,
+) -> std::io::Result<Vec<Range<u64>>> {
     let mut out: Vec<Range<u64>> = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
+    let mut pos = from;
+    while pos < size && out.len() < max {
         let start = match seek(f, RSeek::Data(pos)) {
             Ok(s) => s,
             Err(rustix::io::Errno::NXIO) => break, // no data after pos
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
                 #[allow(clippy::single_range_in_vec_init)]
-                return Ok(if size > 0 { vec![0..size] } else { vec![] });
+                return Ok(if size > from {
+                    vec![from..size]
+                } else {
+                    vec![]
+                });
             }
             Err(e) => return Err(e.into()),
         };
@@ -158,6 +186,17 @@ mod tests {
         let ex = data_extents(&f, 64 << 20).unwrap();
         assert_eq!(total(&ex), 4096 + 8192, "{ex:?}");
         assert_eq!(ex[0].start, 8 << 20);
+        // a window starting inside the first extent and ending inside the
+        // second: both clipped
+        let w = data_extents_in(&f, (8 << 20) + 1000, (40 << 20) + 100).unwrap();
+        assert_eq!(
+            w,
+            vec![
+                (8 << 20) + 1000..(8 << 20) + 4096,
+                40 << 20..(40 << 20) + 100
+            ]
+        );
+        assert!(data_extents_in(&f, 9 << 20, 40 << 20).unwrap().is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use lifeboat_format::nbd::*;
 
-use crate::extents::{data_extents, read_full};
+use crate::extents::{data_extents_at_most, read_full};
 
 pub use crate::splitter::Export;
 
@@ -400,8 +400,13 @@ fn serve(
 /// are HOLE|ZERO.
 fn block_status(f: &File, offset: u64, len: u64, one: bool) -> io::Result<Vec<(u32, u32)>> {
     let end = offset + len;
-    let size = f.metadata()?.len().max(end);
-    let data = data_extents(f, size)?;
+    // Only the window asked about, and at most MAX_EXTENTS of it (REQ_ONE:
+    // one): clients such as `qemu-img map` ask about the whole rest of the
+    // image at every step, and NBD lets a reply cover a prefix of the range.
+    const MAX_EXTENTS: usize = 1024;
+    let limit = if one { 1 } else { MAX_EXTENTS };
+    let data = data_extents_at_most(f, offset, end, limit)?;
+    let complete = data.len() < limit;
     let mut out = Vec::new();
     let mut pos = offset;
     for r in data.iter().filter(|r| r.end > offset && r.start < end) {
@@ -416,7 +421,9 @@ fn block_status(f: &File, offset: u64, len: u64, one: bool) -> io::Result<Vec<(u
             break;
         }
     }
-    if pos < end && (!one || out.is_empty()) {
+    // the hole after the last extent found is known only if the scan
+    // reached the end of the window
+    if pos < end && (complete || out.is_empty()) && (!one || out.is_empty()) {
         out.push(((end - pos) as u32, STATE_HOLE | STATE_ZERO));
     }
     if one {
