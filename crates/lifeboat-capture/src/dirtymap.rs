@@ -61,6 +61,16 @@ pub(crate) fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// Whether the state file `p` ("<boot id> running|clean") says its owner
+/// was left open by another boot: the machine crashed while it ran.
+pub(crate) fn left_open_by_another_boot(p: &Path) -> bool {
+    std::fs::read_to_string(p).is_ok_and(|s| {
+        let mut it = s.split_whitespace();
+        let (boot, clean) = (it.next().unwrap_or(""), it.next() == Some("clean"));
+        !clean && boot != boot_id()
+    })
+}
+
 pub(crate) fn write_state(p: &Path, text: &str) -> io::Result<()> {
     let tmp = p.with_extension("state.partial");
     let mut f = File::create(&tmp)?;
@@ -172,23 +182,18 @@ impl DirtyMap {
     /// without a clean close, and every chunk is flagged for a compare by
     /// hash (a full read of both sides, only differences travel).
     fn check_boot(&self) -> io::Result<()> {
-        let cur = boot_id();
-        if let Ok(s) = std::fs::read_to_string(&self.state) {
-            let mut it = s.split_whitespace();
-            let (boot, clean) = (it.next().unwrap_or(""), it.next() == Some("clean"));
-            if !clean && boot != cur {
-                tracing::warn!(
-                    "{}: the machine restarted without a clean stop of the agent: every chunk will be compared",
-                    self.state.display()
-                );
-                self.flag_all();
-                let mut bits = self.bits.lock().unwrap();
-                bits.fill(0xff);
-                self.file.write_all_at(&bits, HEADER_LEN as u64)?;
-                self.file.sync_data()?;
-            }
+        if left_open_by_another_boot(&self.state) {
+            tracing::warn!(
+                "{}: the machine restarted without a clean stop of the agent: every chunk will be compared",
+                self.state.display()
+            );
+            self.flag_all();
+            let mut bits = self.bits.lock().unwrap();
+            bits.fill(0xff);
+            self.file.write_all_at(&bits, HEADER_LEN as u64)?;
+            self.file.sync_data()?;
         }
-        write_state(&self.state, &format!("{cur} running\n"))
+        write_state(&self.state, &format!("{} running\n", boot_id()))
     }
 
     /// Stop cleanly: the map is synced and marked exact for the next start,

@@ -95,28 +95,23 @@ impl Journal {
     pub fn open(dir: &Path) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
         let state = dir.join("journal.state");
-        let boot = crate::dirtymap::boot_id();
-        if let Ok(s) = fs::read_to_string(&state) {
-            let mut it = s.split_whitespace();
-            let (was, clean) = (it.next().unwrap_or(""), it.next() == Some("clean"));
-            if !clean && was != boot {
-                tracing::warn!(
-                    "{}: the machine restarted while the journal was open: records not yet \
-                     synced may be lost, so it starts over under a new identity (the recovery \
-                     site compares every chunk)",
-                    dir.display()
-                );
-                for p in segments(dir)? {
-                    fs::remove_file(p)?;
-                }
-                for f in ["journal.id", "journal.floor"] {
-                    match fs::remove_file(dir.join(f)) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
-                File::open(dir)?.sync_all()?;
+        if crate::dirtymap::left_open_by_another_boot(&state) {
+            tracing::warn!(
+                "{}: the machine restarted while the journal was open: records not yet \
+                 synced may be lost, so it starts over under a new identity (the recovery \
+                 site compares every chunk)",
+                dir.display()
+            );
+            for p in segments(dir)? {
+                fs::remove_file(p)?;
             }
+            for f in ["journal.id", "journal.floor"] {
+                match fs::remove_file(dir.join(f)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            File::open(dir)?.sync_all()?;
         }
         let id = journal_id(dir)?;
         let segs = segments(dir)?;
@@ -158,7 +153,7 @@ impl Journal {
                 oldest = segment_first_seq(&h).map_err(|e| bad(p, e))?;
             }
         }
-        crate::dirtymap::write_state(&state, &format!("{boot} running\n"))?;
+        crate::dirtymap::write_state(&state, &format!("{} running\n", crate::dirtymap::boot_id()))?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             id,

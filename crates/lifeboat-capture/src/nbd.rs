@@ -423,7 +423,7 @@ fn block_status(f: &File, offset: u64, len: u64, one: bool) -> io::Result<Vec<(u
     }
     // the hole after the last extent found is known only if the scan
     // reached the end of the window
-    if pos < end && (complete || out.is_empty()) && (!one || out.is_empty()) {
+    if pos < end && complete && (!one || out.is_empty()) {
         out.push(((end - pos) as u32, STATE_HOLE | STATE_ZERO));
     }
     if one {
