@@ -60,7 +60,7 @@ fn main() {
     let payload = proto::encode_records(&recs);
     put("proto", "records", &payload);
     let frames = [
-        Frame::Hello { version: proto::PROTO_VERSION, item: "db".into(), volume: "disk0".into(), size: 1 << 20, chunk_size: 65536, journal_id: [3; 16], durable: 9 },
+        Frame::Hello { version: proto::PROTO_VERSION, item: "db".into(), volume: "disk0".into(), size: 1 << 20, chunk_size: 65536, journal_id: [3; 16], durable: 9, follows: Some(([4; 16], 7)) },
         Frame::Batch { codec: 0, raw_len: payload.len() as u32, payload },
         Frame::Hashes { chunks: vec![(1, [5; 32]), (4, proto::ZERO_HASH)] },
         Frame::Status(proto::Health { state: proto::VolumeState::Protected, rpo_ms: 1, lag_bytes: 2, journal_bytes: 3, sent_bytes: 4, resync_bytes: 5, written_bytes: 6, pass_total_bytes: 7, pass_done_bytes: 8, pass_eta_ms: 9 }),

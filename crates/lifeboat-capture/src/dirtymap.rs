@@ -1,16 +1,21 @@
 //! The persistent dirty map (format in `lifeboat_format::dirtymap`): marks
-//! the chunks a write touches before the write is acknowledged. Only
-//! clean→dirty transitions cost a write of the map (in 4 MiB groups, as
-//! DRBD's activity log marks extents); writes to chunks already dirty cost
-//! nothing. The map is not synced on the write path: a process crash keeps
-//! it (page cache), and a machine crash — a new boot id without a clean
-//! stop, see `check_boot` — flags every chunk for a compare by hash.
+//! the chunks a write touches, durably, before the write is acknowledged,
+//! as DRBD's activity log does. Only clean→dirty transitions cost a write
+//! and an fdatasync of the map (~0.1 ms here), and a clean chunk marks its
+//! whole group of [`MARK_GROUP`] chunks (4 MiB, DRBD's extent size): writes
+//! to a group already dirty cost nothing. The map is therefore exact after
+//! a process crash *and* after a machine crash.
 //!
-//! Replication clears bits again: a chunk's bit is cleared once the recovery
-//! site has acknowledged every journal record that touched it (its last
-//! sequence, kept in memory) and no resync of it is pending. Bits found set
-//! at open (after a crash or restart) are pending resyncs: they are compared
-//! by hash with the replica, so only chunks that differ travel.
+//! Replication clears bits again, a group at a time: a group is cleared
+//! once the recovery site has acknowledged every journal record that
+//! touched its chunks (their last sequences, kept in memory), those writes
+//! are durable in the local volume (a flush, or the agent's own sync before
+//! clearing: a machine crash can lose a write the recovery site holds, and
+//! that chunk must then be compared), and no resync of it is pending. The
+//! caller keeps recently written groups hot (see the shipper), so a busy
+//! region is not cleared and re-marked over and over. Bits found set at open
+//! (after a crash or restart) are pending resyncs: they are compared by hash
+//! with the replica, so only chunks that differ travel.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -92,6 +97,8 @@ struct Track {
     /// How many entries of `needs` are not 0 (asked every few ms by the
     /// shipper: kept, not counted).
     pending: u64,
+    /// Records up to this sequence are durable in the local volume.
+    volume_synced: u64,
 }
 
 impl Track {
@@ -103,6 +110,7 @@ impl Track {
             last_seq: vec![0; chunks as usize],
             pending: needs.iter().filter(|n| **n != 0).count() as u64,
             needs,
+            volume_synced: 0,
         }
     }
 
@@ -177,21 +185,18 @@ impl DirtyMap {
         Ok(m)
     }
 
-    /// The map is exact after a process crash (its writes sit in the page
-    /// cache), but not after the machine crashed: then the boot id changed
-    /// without a clean close, and every chunk is flagged for a compare by
-    /// hash (a full read of both sides, only differences travel).
+    /// Whether the agent that last had the map open stopped cleanly. The
+    /// map is exact either way (its marks are synced before the writes they
+    /// cover are acknowledged); after a machine crash its dirty groups are
+    /// what the recovery site must compare.
     fn check_boot(&self) -> io::Result<()> {
         if left_open_by_another_boot(&self.state) {
             tracing::warn!(
-                "{}: the machine restarted without a clean stop of the agent: every chunk will be compared",
-                self.state.display()
+                "{}: the machine restarted without a clean stop of the agent: the {} dirty \
+                 chunks will be compared",
+                self.state.display(),
+                self.pending()
             );
-            self.flag_all();
-            let mut bits = self.bits.lock().unwrap();
-            bits.fill(0xff);
-            self.file.write_all_at(&bits, HEADER_LEN as u64)?;
-            self.file.sync_data()?;
         }
         write_state(&self.state, &format!("{} running\n", boot_id()))
     }
@@ -214,13 +219,12 @@ impl DirtyMap {
         (offset / cs)..((offset + len - 1) / cs + 1).min(self.header.chunks())
     }
 
-    /// Mark the chunks of `[offset, offset+len)` dirty (see the module doc
-    /// for what survives which crash). A clean
+    /// Mark the chunks of `[offset, offset+len)` dirty, durably. A clean
     /// chunk marks its whole group of [`MARK_GROUP`] chunks (4 MiB with 64 KiB
     /// chunks), as DRBD's activity log marks extents: sequential and nearby
-    /// writes then cost one map update per group, not one per chunk; a
-    /// resync after a crash compares the group by hash. Returns whether the
-    /// map changed (and so was written).
+    /// writes then cost one synced map update per group, not one per chunk;
+    /// a resync after a crash compares the group by hash. Returns whether
+    /// the map changed (and so was written and synced).
     ///
     /// # Errors
     /// I/O errors writing the map: the write must then not be acknowledged.
@@ -255,10 +259,10 @@ impl DirtyMap {
         if lo == usize::MAX {
             return Ok(false);
         }
-        // written before the write it covers, not synced: a process crash
-        // keeps it (page cache); a machine crash is caught by check_boot
+        // durable before the write it covers is acknowledged
         self.file
             .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
+        self.file.sync_data()?;
         Ok(true)
     }
 
@@ -362,23 +366,52 @@ impl DirtyMap {
         t.pending -= cleared;
     }
 
-    /// Clear the bits of chunks the recovery site holds: no resync pending
-    /// and every record touching them at or below `acked`. Returns how
-    /// many bits were cleared (the map is synced if any).
+    /// Records up to `seq` are durable in the local volume (it was synced
+    /// after they were applied).
+    pub fn volume_synced(&self, seq: u64) {
+        let mut t = self.track.lock().unwrap();
+        t.volume_synced = t.volume_synced.max(seq);
+    }
+
+    /// Records up to this sequence are durable in the local volume.
+    pub fn volume_synced_upto(&self) -> u64 {
+        self.track.lock().unwrap().volume_synced
+    }
+
+    /// Clear the groups of chunks the recovery site holds: in each, no
+    /// resync pending and every record touching a chunk at or below both
+    /// `acked` and the volume's synced sequence. Returns how many bits were
+    /// cleared (the map is synced if any).
     ///
     /// # Errors
     /// I/O errors writing the map.
     pub fn clear_acked(&self, acked: u64) -> io::Result<u64> {
         let mut bits = self.bits.lock().unwrap();
         let t = self.track.lock().unwrap();
+        let upto = acked.min(t.volume_synced);
+        let chunks = self.header.chunks() as usize;
+        let set = |bits: &[u8], c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
         let (mut lo, mut hi, mut n) = (usize::MAX, 0usize, 0u64);
-        for c in 0..self.header.chunks() as usize {
-            let (byte, bit) = (c / 8, 1u8 << (c % 8));
-            if bits[byte] & bit != 0 && t.needs[c] == 0 && t.last_seq[c] <= acked {
-                bits[byte] &= !bit;
-                lo = lo.min(byte);
-                hi = hi.max(byte + 1);
-                n += 1;
+        for g0 in (0..chunks).step_by(MARK_GROUP as usize) {
+            let g = g0..(g0 + MARK_GROUP as usize).min(chunks);
+            let mut any = false;
+            let mut clearable = true;
+            for c in g.clone() {
+                if set(&bits, c) {
+                    any = true;
+                    clearable &= t.needs[c] == 0 && t.last_seq[c] <= upto;
+                }
+            }
+            if !any || !clearable {
+                continue;
+            }
+            for c in g {
+                if set(&bits, c) {
+                    bits[c / 8] &= !(1u8 << (c % 8));
+                    lo = lo.min(c / 8);
+                    hi = hi.max(c / 8 + 1);
+                    n += 1;
+                }
             }
         }
         drop(t);
@@ -429,56 +462,71 @@ mod tests {
     fn bits_clear_only_when_acknowledged_and_no_resync_is_pending() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("dirty.map");
-        let m = DirtyMap::open(&p, 4096, 40_960).unwrap();
+        // two groups of 64 chunks and one of 2
+        let m = DirtyMap::open(&p, 4096, 4096 * 130).unwrap();
         m.mark(0, 10).unwrap();
         m.note(0, 10, 5);
         m.mark(4096, 10).unwrap();
         m.note(4096, 10, 7);
+        m.mark(4096 * 64, 10).unwrap();
+        m.note(4096 * 64, 10, 6);
+        m.volume_synced(100);
         assert_eq!(
             m.clear_acked(6).unwrap(),
-            9,
-            "chunk 0 and the rest of its group are acked, chunk 1 not"
+            64,
+            "the second group is acked; the first not (its chunk 1 is at 7)"
         );
-        assert_eq!(m.dirty_ranges(), vec![4096..8192]);
-        // a restart: chunk 1 is pending a resync until a pass is acked
+        assert_eq!(m.dirty_ranges(), vec![0..4096 * 64]);
+        // a restart: the group is pending a resync until a pass is acked
         drop(m);
-        let m = DirtyMap::open(&p, 4096, 40_960).unwrap();
-        assert_eq!(m.pending(), 1);
+        let m = DirtyMap::open(&p, 4096, 4096 * 130).unwrap();
+        m.volume_synced(100);
+        assert_eq!(m.pending(), 64);
         assert_eq!(m.clear_acked(100).unwrap(), 0);
-        assert_eq!(m.pass_begin(), vec![1]);
+        assert_eq!(m.pass_begin(), (0..64).collect::<Vec<u64>>());
         m.pass_end(false);
-        assert_eq!(m.pass_begin(), vec![1]);
+        assert_eq!(m.pass_begin().len(), 64);
         m.pass_end(true);
-        assert_eq!(m.clear_acked(100).unwrap(), 1);
+        assert_eq!(m.clear_acked(100).unwrap(), 64);
         assert!(m.dirty_ranges().is_empty());
+        // acknowledged, but not yet durable in the local volume: kept, since
+        // a machine crash could lose the write the recovery site holds
+        m.mark(4096 * 128, 1).unwrap();
+        m.note(4096 * 128, 1, 101);
+        assert_eq!(m.clear_acked(200).unwrap(), 0);
+        m.volume_synced(101);
+        assert_eq!(m.clear_acked(200).unwrap(), 2);
         // dropped records flag their chunks
         m.mark(8192, 1).unwrap();
-        m.note(8192, 1, 9);
-        assert_eq!(m.flag_unacked(8).unwrap(), 1);
+        m.note(8192, 1, 209);
+        assert_eq!(m.flag_unacked(208).unwrap(), 1);
         assert_eq!(m.pass_begin(), vec![2]);
     }
 
     #[test]
-    fn a_machine_crash_flags_every_chunk_and_a_clean_stop_does_not() {
+    fn the_map_is_exact_after_a_process_crash_a_machine_crash_and_a_clean_stop() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("dirty.map");
-        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
+        let size = 4096 * 64 * 10;
+        let m = DirtyMap::open(&p, 4096, size).unwrap();
+        m.mark(4096 * 64 * 3 + 5, 4096).unwrap();
         m.close_clean().unwrap();
         drop(m);
         let state = d.path().join("dirty.state");
-        // a clean stop, even across a reboot: the map is exact
+        let group3: Vec<Range<u64>> = std::iter::once(4096 * 64 * 3..4096 * 64 * 4).collect();
+        // a clean stop, even across a reboot
         std::fs::write(&state, "another-boot clean\n").unwrap();
-        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
-        assert_eq!(m.pending(), 0);
+        let m = DirtyMap::open(&p, 4096, size).unwrap();
+        assert_eq!((m.pending(), m.dirty_ranges()), (64, group3.clone()));
         drop(m);
-        // a process crash (same boot, no clean stop): the map is exact
-        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
-        assert_eq!(m.pending(), 0);
+        // a process crash (same boot, no clean stop)
+        let m = DirtyMap::open(&p, 4096, size).unwrap();
+        assert_eq!((m.pending(), m.dirty_ranges()), (64, group3.clone()));
         drop(m);
-        // the machine went down with the agent running: compare everything
+        // the machine went down with the agent running: the marks were
+        // synced before their writes were acknowledged, so the map holds
         std::fs::write(&state, "another-boot running\n").unwrap();
-        let m = DirtyMap::open(&p, 4096, 4096 * 100).unwrap();
-        assert_eq!(m.pending(), 100);
-        assert_eq!(m.dirty_ranges(), vec![0..4096 * 100]);
+        let m = DirtyMap::open(&p, 4096, size).unwrap();
+        assert_eq!((m.pending(), m.dirty_ranges()), (64, group3));
     }
 }

@@ -43,6 +43,10 @@ pub const SEGMENT_MAX: u64 = 64 << 20;
 pub struct Journal {
     dir: PathBuf,
     id: [u8; 16],
+    /// The journal this one replaced after a machine crash, and how far the
+    /// recovery site had acknowledged it when its changes were last
+    /// cleared from the dirty map (`journal.follows`).
+    follows: Option<([u8; 16], u64)>,
     inner: Mutex<Inner>,
 }
 
@@ -64,6 +68,9 @@ struct Inner {
     /// Every record at or below this sequence left the journal after the
     /// recovery site acknowledged it (persisted in `journal.floor`).
     floor: u64,
+    /// The dirty map may have forgotten changes up to this sequence: the
+    /// recovery site acknowledged them (persisted in `journal.cleared`).
+    cleared: u64,
 }
 
 fn segment_name(first: u64) -> String {
@@ -99,13 +106,22 @@ impl Journal {
             tracing::warn!(
                 "{}: the machine restarted while the journal was open: records not yet \
                  synced may be lost, so it starts over under a new identity (the recovery \
-                 site compares every chunk)",
+                 site compares the chunks the dirty map holds)",
                 dir.display()
             );
+            // the new journal follows the old one: a recovery site that
+            // holds the old one up to `cleared` needs only the dirty chunks
+            if let Ok(old) = fs::read(dir.join("journal.id")) {
+                if old.len() == 16 {
+                    let mut f = old;
+                    f.extend_from_slice(&read_seq(dir, "journal.cleared")?.to_le_bytes());
+                    write_atomic(dir, "journal.follows", &f)?;
+                }
+            }
             for p in segments(dir)? {
                 fs::remove_file(p)?;
             }
-            for f in ["journal.id", "journal.floor"] {
+            for f in ["journal.id", "journal.floor", "journal.cleared"] {
                 match fs::remove_file(dir.join(f)) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                     _ => {}
@@ -154,9 +170,17 @@ impl Journal {
             }
         }
         crate::dirtymap::write_state(&state, &format!("{} running\n", crate::dirtymap::boot_id()))?;
+        let follows = match fs::read(dir.join("journal.follows")) {
+            Ok(b) if b.len() == 24 => Some((
+                b[..16].try_into().expect("16 bytes"),
+                u64::from_le_bytes(b[16..].try_into().expect("8 bytes")),
+            )),
+            _ => None,
+        };
         Ok(Journal {
             dir: dir.to_path_buf(),
             id,
+            follows,
             inner: Mutex::new(Inner {
                 file,
                 len,
@@ -166,7 +190,8 @@ impl Journal {
                 times: VecDeque::new(),
                 changed: 0,
                 synced: next_seq - 1,
-                floor: read_floor(dir)?,
+                floor: read_seq(dir, "journal.floor")?,
+                cleared: read_seq(dir, "journal.cleared")?,
             }),
         })
     }
@@ -174,6 +199,26 @@ impl Journal {
     /// This journal's identity.
     pub fn id(&self) -> [u8; 16] {
         self.id
+    }
+
+    /// The journal this one replaced after a machine crash, with the
+    /// sequence up to which the dirty map may have forgotten its changes.
+    pub fn follows(&self) -> Option<([u8; 16], u64)> {
+        self.follows
+    }
+
+    /// The dirty map is about to forget changes up to `acked` (the recovery
+    /// site holds them): record it durably first, for [`Journal::follows`].
+    ///
+    /// # Errors
+    /// I/O errors writing `journal.cleared`.
+    pub fn set_cleared(&self, acked: u64) -> io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        if acked > g.cleared {
+            write_atomic(&self.dir, "journal.cleared", acked.to_string().as_bytes())?;
+            g.cleared = acked;
+        }
+        Ok(())
     }
 
     /// Stop cleanly: every record durable, and the next open keeps the
@@ -229,12 +274,7 @@ impl Journal {
         if v <= g.floor {
             return Ok(());
         }
-        let tmp = self.dir.join("journal.floor.partial");
-        let mut f = File::create(&tmp)?;
-        f.write_all(v.to_string().as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join("journal.floor"))?;
-        File::open(&self.dir)?.sync_all()?;
+        write_atomic(&self.dir, "journal.floor", v.to_string().as_bytes())?;
         g.floor = v;
         Ok(())
     }
@@ -448,15 +488,26 @@ fn first_of(p: &Path) -> io::Result<u64> {
     segment_first_seq(&h).map_err(|e| bad(p, e))
 }
 
-fn read_floor(dir: &Path) -> io::Result<u64> {
-    match fs::read_to_string(dir.join("journal.floor")) {
+/// A sequence number kept in `dir/name` (0 if there is none).
+fn read_seq(dir: &Path, name: &str) -> io::Result<u64> {
+    match fs::read_to_string(dir.join(name)) {
         Ok(s) => s
             .trim()
             .parse()
-            .map_err(|_| bad(&dir.join("journal.floor"), "not a sequence number")),
+            .map_err(|_| bad(&dir.join(name), "not a sequence number")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(e),
     }
+}
+
+/// Replace `dir/name` with `bytes`, durably (temporary name, sync, rename).
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.partial"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
 }
 
 /// The journal's identity, made on first use (16 random bytes in `journal.id`).
@@ -835,5 +886,14 @@ mod tests {
         assert_eq!(j.committed(), 0);
         assert_eq!(j.floor(), 0);
         assert!(Cursor::new(1).read(&j, 1 << 20).unwrap().is_empty());
+        // it follows the old one, up to what the dirty map had forgotten
+        assert_eq!(j.follows(), Some((id, 0)));
+        j.set_cleared(1).unwrap();
+        let id2 = j.id();
+        drop(j);
+        std::fs::write(d.path().join("journal.state"), "another-boot running\n").unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.follows(), Some((id2, 1)));
+        assert_eq!(j.committed(), 0);
     }
 }

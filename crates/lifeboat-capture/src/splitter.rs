@@ -161,7 +161,15 @@ impl Export {
     /// I/O errors.
     pub fn flush(&self) -> io::Result<()> {
         match &self.journal {
-            Some(j) => j.barrier(|| self.file.sync_data()).map(|_| ()),
+            Some(j) => {
+                // every record up to `c` is applied (under the journal lock)
+                let c = j.committed();
+                j.barrier(|| self.file.sync_data())?;
+                if let Some(d) = &self.dirty {
+                    d.volume_synced(c);
+                }
+                Ok(())
+            }
             None => self.file.sync_data(),
         }
     }

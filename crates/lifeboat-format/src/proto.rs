@@ -19,7 +19,7 @@ use crate::wire::Reader;
 use crate::FormatError;
 
 /// Protocol version this build speaks.
-pub const PROTO_VERSION: u32 = 2;
+pub const PROTO_VERSION: u32 = 3;
 /// Largest frame (type + body) accepted.
 pub const MAX_FRAME: u32 = 40 << 20;
 /// Largest raw payload of a batch.
@@ -160,6 +160,12 @@ pub enum Frame {
         /// shipped: the replica is a crash state again only once the stream
         /// has replayed up to it).
         durable: u64,
+        /// After a machine crash the journal starts over under a new
+        /// identity: the one it replaced, and the sequence up to which the
+        /// agent's dirty map may have forgotten that journal's changes. A
+        /// replica that holds the old journal at least that far needs only
+        /// the chunks the dirty map holds.
+        follows: Option<([u8; 16], u64)>,
     },
     /// server → agent: where the replica stands.
     Welcome {
@@ -294,6 +300,7 @@ impl Frame {
                 chunk_size,
                 journal_id,
                 durable,
+                follows,
             } => {
                 v.push(T_HELLO);
                 v.extend_from_slice(&REPLICATION_V1);
@@ -304,6 +311,14 @@ impl Frame {
                 v.extend_from_slice(&chunk_size.to_le_bytes());
                 v.extend_from_slice(journal_id);
                 v.extend_from_slice(&durable.to_le_bytes());
+                match follows {
+                    None => v.push(0),
+                    Some((id, cleared)) => {
+                        v.push(1);
+                        v.extend_from_slice(id);
+                        v.extend_from_slice(&cleared.to_le_bytes());
+                    }
+                }
             }
             Frame::Welcome {
                 applied_seq,
@@ -461,6 +476,16 @@ impl Frame {
                         chunk_size: r.u32()?,
                         journal_id: r.array()?,
                         durable: r.u64()?,
+                        follows: match r.u8()? {
+                            0 => None,
+                            1 => Some((r.array()?, r.u64()?)),
+                            b => {
+                                return Err(FormatError::malformed(
+                                    "replication frame",
+                                    format!("hello: bad follows flag {b}"),
+                                ))
+                            }
+                        },
                     }
                 } else {
                     Frame::Enroll {
@@ -653,6 +678,17 @@ mod tests {
             chunk_size: 65536,
             journal_id: [7; 16],
             durable: 3,
+            follows: None,
+        });
+        roundtrip(Frame::Hello {
+            version: PROTO_VERSION,
+            item: "db".into(),
+            volume: "disk0".into(),
+            size: 1 << 30,
+            chunk_size: 65536,
+            journal_id: [7; 16],
+            durable: 3,
+            follows: Some(([8; 16], 41)),
         });
         roundtrip(Frame::Welcome {
             applied_seq: 9,
@@ -739,6 +775,7 @@ mod tests {
             chunk_size: 1,
             journal_id: [0; 16],
             durable: 0,
+            follows: None,
         }
         .encode();
         e[4 + 1 + 8] = 9; // version byte
@@ -767,6 +804,7 @@ mod tests {
                 chunk_size: 6,
                 journal_id: [1; 16],
                 durable: 0,
+                follows: None,
             }.encode();
             let body = &e[4..];
             if cut < body.len() {

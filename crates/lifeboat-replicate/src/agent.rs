@@ -304,6 +304,7 @@ struct Running {
     fuse: Option<lifeboat_capture::fuse::Mounted>,
     journal: Arc<Journal>,
     dirty: Arc<DirtyMap>,
+    export: Arc<Export>,
 }
 
 fn start_volume(
@@ -422,6 +423,7 @@ fn start_volume(
         fuse,
         journal,
         dirty,
+        export,
     })
 }
 
@@ -440,9 +442,17 @@ fn stop_volume(r: Running) {
     drop(r.fuse);
     // Bits stay set for a while after their records are acknowledged (the
     // hot set saves re-marking a busy region); at a stop every chunk the
-    // recovery site holds can be cleared, so a restart compares none of them.
+    // recovery site holds (and that the flush makes durable here) can be
+    // cleared, so a restart compares none of them.
     let acked = r.status.acked.load(std::sync::atomic::Ordering::Relaxed);
-    if let Err(e) = r.dirty.clear_acked(acked) {
+    if let Err(e) = r.export.flush() {
+        tracing::warn!("{}: flush at stop: {e}", r.cfg.name);
+    }
+    if let Err(e) = r
+        .journal
+        .set_cleared(acked)
+        .and_then(|_| r.dirty.clear_acked(acked))
+    {
         tracing::warn!("dirty map: {e}");
     }
     if let Err(e) = r.dirty.close_clean() {

@@ -116,8 +116,28 @@ impl Receiver {
         chunk_size: u32,
         journal_id: [u8; 16],
         durable: u64,
+        follows: Option<([u8; 16], u64)>,
     ) -> (Receiver, Frame) {
-        if st.journal_id != journal_id {
+        let continues = follows.is_some_and(|(old, cleared)| {
+            old == st.journal_id && st.synced && st.applied_seq >= cleared
+        });
+        if st.journal_id != journal_id && continues {
+            // the agent's machine crashed and its journal started over; the
+            // replica holds the old journal as far as the agent's dirty map
+            // forgot, so the dirty map covers every chunk that may differ:
+            // a dirty pass (which the agent starts) brings it back
+            tracing::info!(
+                "the agent's journal starts over after a machine crash; the replica \
+                 continues from its dirty map"
+            );
+            st = StreamState {
+                applied_seq: 0,
+                synced: true,
+                consistent: false,
+                journal_id,
+                settle: 0,
+            };
+        } else if st.journal_id != journal_id {
             // another journal: its sequence numbers mean nothing here, and
             // only a full compare by hash can tell what differs
             st = StreamState {
@@ -483,7 +503,7 @@ mod tests {
             syncs: 0,
         };
         io.data[5000] = 9; // the replica holds stale data the source lacks
-        let (mut r, welcome) = Receiver::new(fresh(), 8192, 4096, [1; 16], 0);
+        let (mut r, welcome) = Receiver::new(fresh(), 8192, 4096, [1; 16], 0, None);
         assert_eq!(
             welcome,
             Frame::Welcome {
@@ -494,7 +514,7 @@ mod tests {
         assert!(r
             .on_frame(Frame::ResyncBegin { x: 1, full: false }, &mut io)
             .is_err());
-        let mut r = Receiver::new(fresh(), 8192, 4096, [1; 16], 0).0;
+        let mut r = Receiver::new(fresh(), 8192, 4096, [1; 16], 0, None).0;
         r.on_frame(Frame::ResyncBegin { x: 3, full: true }, &mut io)
             .unwrap();
         assert!(!r.consistent());
@@ -522,7 +542,7 @@ mod tests {
         assert!(r
             .on_frame(batch(encode_records(&[chunk])), &mut io)
             .is_err());
-        let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16], 0).0;
+        let mut r2 = Receiver::new(io.persisted.clone().unwrap(), 8192, 4096, [1; 16], 0, None).0;
         assert!(!r2.consistent(), "a half-done pass is not consistent");
         // the real stream goes on
         let syncs = io.syncs;
@@ -580,7 +600,7 @@ mod tests {
             journal_id: [1; 16],
             settle: 0,
         };
-        let (_, w1) = Receiver::new(st.clone(), 10, 4096, [1; 16], 0);
+        let (_, w1) = Receiver::new(st.clone(), 10, 4096, [1; 16], 0, None);
         assert_eq!(
             w1,
             Frame::Welcome {
@@ -588,7 +608,7 @@ mod tests {
                 synced: true
             }
         );
-        let (_, w2) = Receiver::new(st, 10, 4096, [2; 16], 0);
+        let (_, w2) = Receiver::new(st.clone(), 10, 4096, [2; 16], 0, None);
         assert_eq!(
             w2,
             Frame::Welcome {
@@ -596,6 +616,29 @@ mod tests {
                 synced: false
             }
         );
+        // a journal that follows this one after a machine crash continues it
+        // (the dirty map holds the rest) when the replica holds the old one
+        // as far as the map forgot; not otherwise
+        let (r3, w3) = Receiver::new(st.clone(), 10, 4096, [2; 16], 0, Some(([1; 16], 50)));
+        assert_eq!(
+            w3,
+            Frame::Welcome {
+                applied_seq: 0,
+                synced: true
+            }
+        );
+        assert!(!r3.st.consistent, "not a crash state before the dirty pass");
+        for follows in [([1; 16], 51), ([3; 16], 0)] {
+            let (_, w) = Receiver::new(st.clone(), 10, 4096, [2; 16], 0, Some(follows));
+            assert_eq!(
+                w,
+                Frame::Welcome {
+                    applied_seq: 0,
+                    synced: false
+                },
+                "{follows:?}"
+            );
+        }
     }
 
     #[test]
@@ -612,7 +655,7 @@ mod tests {
             journal_id: [1; 16],
             settle: 0,
         };
-        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16], 0);
+        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16], 0, None);
         let cut = |seq, id| Rec {
             kind: RecKind::Barrier,
             seq,
@@ -679,7 +722,7 @@ mod tests {
         };
         // the agent holds records up to 4: the server may have applied some
         // of them without acknowledging them before it stopped
-        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16], 4);
+        let (mut r, _) = Receiver::new(st, 8192, 4096, [1; 16], 4, None);
         assert!(!r.consistent());
         r.on_frame(batch(encode_records(&[w(3, 0, b"a")])), &mut io)
             .unwrap();

@@ -228,6 +228,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         // what a restarted server may have applied without acknowledging:
         // any record this journal holds
         durable: src.journal.committed(),
+        follows: src.journal.follows(),
     })
     .await?;
     let (applied, synced) = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut rd))
@@ -299,9 +300,19 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 // trimming lists segments under the journal lock every
                 // writer needs: at most twice a second
                 if clear {
+                    let f = rsrc.file.clone();
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                         j.trim(seq)?;
                         if upto > 0 {
+                            // bits are cleared only for writes durable here
+                            // too: a machine crash must not lose a write
+                            // the recovery site holds without a compare
+                            if d.volume_synced_upto() < upto {
+                                let c = j.committed();
+                                f.sync_data()?;
+                                d.volume_synced(c);
+                            }
+                            j.set_cleared(upto)?;
                             d.clear_acked(upto)?;
                         }
                         Ok(())

@@ -83,6 +83,7 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
             chunk_size,
             journal_id,
             durable,
+            follows,
         } => {
             let Some(fp) = peer else {
                 write_frame(
@@ -156,7 +157,7 @@ pub async fn handle(s: TcpStream, acceptor: TlsAcceptor, st: Arc<State>) -> Resu
                 volume,
                 size,
                 chunk_size,
-                (journal_id, durable),
+                (journal_id, durable, follows),
             )
             .await
         }
@@ -229,6 +230,10 @@ async fn enroll(
     }
 }
 
+/// The agent's journal as its Hello gives it: identity, last sequence held,
+/// and the journal it follows after a machine crash.
+type AgentJournal = ([u8; 16], u64, Option<([u8; 16], u64)>);
+
 #[allow(clippy::too_many_arguments)]
 async fn replicate<R, W>(
     st: Arc<State>,
@@ -239,7 +244,7 @@ async fn replicate<R, W>(
     volume: String,
     size: u64,
     chunk_size: u32,
-    journal: ([u8; 16], u64),
+    journal: AgentJournal,
 ) -> Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -336,7 +341,7 @@ async fn stream<R, W>(
     volume: &str,
     size: u64,
     chunk_size: u32,
-    journal: ([u8; 16], u64),
+    journal: AgentJournal,
     path: &std::path::Path,
     replica: Arc<Mutex<Replica>>,
     mut ctl: tokio::sync::mpsc::UnboundedReceiver<Frame>,
@@ -354,7 +359,14 @@ where
         &path.to_string_lossy(),
     )?;
     let saved = st.db.stream_state(item, volume)?;
-    let (mut rx, welcome) = Receiver::new(saved.clone(), size, chunk_size, journal.0, journal.1);
+    let (mut rx, welcome) = Receiver::new(
+        saved.clone(),
+        size,
+        chunk_size,
+        journal.0,
+        journal.1,
+        journal.2,
+    );
     {
         let mut r = replica.lock().unwrap();
         r.applied_seq = rx.state().applied_seq;

@@ -37,6 +37,7 @@ fn hello() -> Frame {
         chunk_size: 65536,
         journal_id: [1; 16],
         durable: 0,
+        follows: None,
     }
 }
 
