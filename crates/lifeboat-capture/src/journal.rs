@@ -10,12 +10,16 @@
 //! Records are shipped as soon as they are committed, durable or not (the
 //! recovery site must not wait for the primary's disk, and records the
 //! recovery site acknowledges quickly are deleted before they ever reach
-//! it). A process crash loses nothing (the page cache keeps the records);
-//! a machine crash may lose records the recovery site already holds, so
-//! `journal.state` notes the boot id: a journal left open by another boot
-//! starts over under a new identity, and the recovery site, seeing a
-//! journal it does not know, compares every chunk (the dirty map flags them
-//! all for the same reason).
+//! it). With a memory tail ([`Journal::open_with_memory`], the agent's
+//! default) the newest records stay in memory and reach segments only when
+//! the tail is full or at a clean stop. Without one, a process crash loses
+//! nothing (the page cache keeps the records). A machine crash may lose
+//! records the recovery site already holds, and a crash loses a memory
+//! tail, so `journal.state` notes the boot id and the mode: such a journal
+//! starts over under a new identity that *follows* the old one
+//! (`journal.follows`), and the recovery site, if it holds the old one as
+//! far as the dirty map forgot (`journal.cleared`), resyncs only the dirty
+//! map's chunks; otherwise it compares every chunk.
 //!
 //! The journal is also the outage buffer of replication: a [`Cursor`] reads
 //! committed records from any sequence on, [`Journal::trim`] drops segments
@@ -29,7 +33,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lifeboat_format::journal::{
@@ -71,6 +75,37 @@ struct Inner {
     /// The dirty map may have forgotten changes up to this sequence: the
     /// recovery site acknowledged them (persisted in `journal.cleared`).
     cleared: u64,
+    /// The memory tail: the newest records, not written to a segment (see
+    /// [`Journal::open_with_memory`]). Segments hold the records before it.
+    mem: VecDeque<MemRecord>,
+    /// Bytes the memory tail holds (records as a segment would).
+    mem_bytes: u64,
+    /// Capacity of the memory tail; 0: every record goes to a segment.
+    mem_max: u64,
+    /// First sequence of the segment being written, and the one its next
+    /// record must have (records released from the memory tail without
+    /// reaching a segment leave a gap: a new segment starts after it).
+    seg_first: u64,
+    seg_next: u64,
+}
+
+/// A record of the memory tail; its data is shared with the shipper.
+struct MemRecord {
+    kind: RecordKind,
+    seq: u64,
+    offset: u64,
+    len: u32,
+    data: Arc<Vec<u8>>,
+}
+
+/// Bytes a record takes in a segment besides its data.
+const RECORD_OVERHEAD: u64 = lifeboat_format::journal::RECORD_HEADER_LEN as u64;
+
+impl Inner {
+    /// The first sequence not in a segment (the memory tail's first).
+    fn disk_next(&self) -> u64 {
+        self.mem.front().map_or(self.next_seq, |r| r.seq)
+    }
 }
 
 fn segment_name(first: u64) -> String {
@@ -95,19 +130,42 @@ fn bad(p: &Path, e: impl std::fmt::Display) -> io::Error {
 }
 
 impl Journal {
-    /// Open (or create) the journal in `dir`, cutting off a torn tail.
+    /// Open (or create) the journal in `dir`, every record in segments,
+    /// cutting off a torn tail.
     ///
     /// # Errors
     /// I/O errors, or a segment whose header is damaged.
     pub fn open(dir: &Path) -> io::Result<Journal> {
+        Self::open_with_memory(dir, 0)
+    }
+
+    /// Open (or create) the journal in `dir` with a memory tail of up to
+    /// `mem_max` bytes: new records stay in memory, shared with the shipper
+    /// (no copy into the page cache, no read back), and are written to a
+    /// segment only when the tail is full (the recovery site is behind or
+    /// unreachable) or at a clean stop. The records of the tail do not
+    /// survive a crash of the agent: a journal with a memory tail that was
+    /// not closed cleanly starts over under a new identity that follows
+    /// the old one, and the dirty map (synced before every acknowledgement)
+    /// bounds the resync, as after a machine crash.
+    ///
+    /// # Errors
+    /// As [`Journal::open`].
+    pub fn open_with_memory(dir: &Path, mem_max: u64) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
         let state = dir.join("journal.state");
-        if crate::dirtymap::left_open_by_another_boot(&state) {
+        let lost_tail = fs::read_to_string(&state)
+            .is_ok_and(|s| s.split_whitespace().nth(1) == Some("running-memory"));
+        if lost_tail || crate::dirtymap::left_open_by_another_boot(&state) {
             tracing::warn!(
-                "{}: the machine restarted while the journal was open: records not yet \
-                 synced may be lost, so it starts over under a new identity (the recovery \
-                 site compares the chunks the dirty map holds)",
-                dir.display()
+                "{}: {}: records may be lost, so it starts over under a new identity (the \
+                 recovery site compares the chunks the dirty map holds)",
+                dir.display(),
+                if lost_tail {
+                    "the agent stopped without closing the journal's memory tail"
+                } else {
+                    "the machine restarted while the journal was open"
+                }
             );
             // the new journal follows the old one: a recovery site that
             // holds the old one up to `cleared` needs only the dirty chunks
@@ -131,7 +189,7 @@ impl Journal {
         }
         let id = journal_id(dir)?;
         let segs = segments(dir)?;
-        let (file, len, next_seq) = match segs.last() {
+        let (file, len, next_seq, seg_first) = match segs.last() {
             Some(last) => {
                 let bytes = fs::read(last)?;
                 let seg = decode_segment(&bytes).map_err(|e| bad(last, e))?;
@@ -151,11 +209,11 @@ impl Journal {
                 }
                 // what survived is durable from now on
                 f.sync_all()?;
-                (f, seg.valid_len as u64, next)
+                (f, seg.valid_len as u64, next, seg.first_seq)
             }
             None => {
                 let f = Self::new_segment(dir, 1)?;
-                (f, lifeboat_format::journal::SEGMENT_HEADER_LEN as u64, 1)
+                (f, lifeboat_format::journal::SEGMENT_HEADER_LEN as u64, 1, 1)
             }
         };
         let mut bytes = 0;
@@ -169,7 +227,15 @@ impl Journal {
                 oldest = segment_first_seq(&h).map_err(|e| bad(p, e))?;
             }
         }
-        crate::dirtymap::write_state(&state, &format!("{} running\n", crate::dirtymap::boot_id()))?;
+        let running = if mem_max > 0 {
+            "running-memory"
+        } else {
+            "running"
+        };
+        crate::dirtymap::write_state(
+            &state,
+            &format!("{} {running}\n", crate::dirtymap::boot_id()),
+        )?;
         let follows = match fs::read(dir.join("journal.follows")) {
             Ok(b) if b.len() == 24 => Some((
                 b[..16].try_into().expect("16 bytes"),
@@ -192,6 +258,11 @@ impl Journal {
                 synced: next_seq - 1,
                 floor: read_seq(dir, "journal.floor")?,
                 cleared: read_seq(dir, "journal.cleared")?,
+                mem: VecDeque::new(),
+                mem_bytes: 0,
+                mem_max,
+                seg_first,
+                seg_next: next_seq,
             }),
         })
     }
@@ -251,7 +322,8 @@ impl Journal {
     /// I/O errors syncing.
     pub fn sync_committed(&self) -> io::Result<u64> {
         let (c, f) = {
-            let g = self.inner.lock().unwrap();
+            let mut g = self.inner.lock().unwrap();
+            self.spill(&mut g)?;
             if g.synced + 1 >= g.next_seq {
                 return Ok(g.synced);
             }
@@ -290,9 +362,27 @@ impl Journal {
         self.inner.lock().unwrap().changed
     }
 
-    /// Bytes on disk.
+    /// Bytes held: segments on disk and the memory tail.
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().unwrap().bytes
+        let g = self.inner.lock().unwrap();
+        g.bytes + g.mem_bytes
+    }
+
+    /// The recovery site holds everything up to `acked`: release the
+    /// memory tail's records up to it (cheap: call it on every
+    /// acknowledgement; [`Journal::trim`] also deletes segments).
+    pub fn release(&self, acked: u64) {
+        let mut g = self.inner.lock().unwrap();
+        while g.mem.front().is_some_and(|r| r.seq <= acked) {
+            let r = g.mem.pop_front().expect("front");
+            g.mem_bytes -= r.data.len() as u64 + RECORD_OVERHEAD;
+        }
+        if g.mem.is_empty() {
+            g.mem_bytes = 0;
+        }
+        while g.times.front().is_some_and(|(s, _)| *s <= acked) {
+            g.times.pop_front();
+        }
     }
 
     /// Commit time of the oldest record after `acked` recorded by this
@@ -309,10 +399,8 @@ impl Journal {
     /// # Errors
     /// I/O errors deleting segments.
     pub fn trim(&self, acked: u64) -> io::Result<()> {
+        self.release(acked);
         let mut g = self.inner.lock().unwrap();
-        while g.times.front().is_some_and(|(s, _)| *s <= acked) {
-            g.times.pop_front();
-        }
         let segs = segments(&self.dir)?;
         let mut removed = false;
         for w in segs.windows(2) {
@@ -348,6 +436,8 @@ impl Journal {
         let mut g = self.inner.lock().unwrap();
         under_lock(g.next_seq)?;
         self.set_floor(&mut g, acked)?;
+        g.mem.clear();
+        g.mem_bytes = 0;
         let next = g.next_seq;
         // the new segment first, so a crash never leaves no segment (and
         // sequence numbers never restart)
@@ -357,6 +447,8 @@ impl Journal {
             g.file = Self::new_segment(&self.dir, next)?;
             g.len = SEGMENT_HEADER_LEN as u64;
         }
+        g.seg_first = next;
+        g.seg_next = next;
         for p in segments(&self.dir)? {
             if p != name {
                 fs::remove_file(&p)?;
@@ -401,33 +493,100 @@ impl Journal {
         data: &[u8],
         apply: F,
     ) -> io::Result<u64> {
+        self.record_inner(kind, offset, len, data, None, apply)
+    }
+
+    /// [`Journal::record`] for data the caller gives away: a memory tail
+    /// keeps it without a copy.
+    ///
+    /// # Errors
+    /// As [`Journal::record`].
+    pub fn record_shared<F: FnOnce(u64) -> io::Result<()>>(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        data: Arc<Vec<u8>>,
+        apply: F,
+    ) -> io::Result<u64> {
+        let len = data.len() as u32;
+        self.record_inner(kind, offset, len, &data, Some(&data), apply)
+    }
+
+    fn record_inner<F: FnOnce(u64) -> io::Result<()>>(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        shared: Option<&Arc<Vec<u8>>>,
+        apply: F,
+    ) -> io::Result<u64> {
         let mut g = self.inner.lock().unwrap();
-        let seq = self.append(&mut g, kind, offset, len, data, apply)?;
-        if kind == RecordKind::Barrier {
+        let seq = self.append(&mut g, kind, offset, len, data, shared, apply)?;
+        // a barrier makes the segments durable; the memory tail never is
+        // (the dirty map, synced before each acknowledgement, covers it)
+        if kind == RecordKind::Barrier && g.mem_max == 0 {
             g.file.sync_data()?;
             g.synced = seq;
         }
         Ok(seq)
     }
 
-    fn append<F: FnOnce(u64) -> io::Result<()>>(
+    /// Write the memory tail to segments, in order.
+    fn spill(&self, g: &mut Inner) -> io::Result<()> {
+        while let Some(r) = g.mem.front() {
+            let (kind, seq, offset, len, data) = (r.kind, r.seq, r.offset, r.len, r.data.clone());
+            let used = self.write_disk(g, kind, seq, offset, len, &data)?;
+            g.len += used;
+            g.bytes += used;
+            g.seg_next = seq + 1;
+            g.mem.pop_front();
+            g.mem_bytes -= data.len() as u64 + RECORD_OVERHEAD;
+        }
+        g.mem_bytes = 0;
+        Ok(())
+    }
+
+    /// Write record `seq` at the end of the segment being written (a new
+    /// one past [`SEGMENT_MAX`]); returns the bytes it takes, for the caller
+    /// to add to `g.len` and `g.bytes` once the record counts (until then
+    /// the next record overwrites it).
+    fn write_disk(
         &self,
         g: &mut Inner,
         kind: RecordKind,
+        seq: u64,
         offset: u64,
         len: u32,
         data: &[u8],
-        apply: F,
     ) -> io::Result<u64> {
-        if g.len >= SEGMENT_MAX {
+        if g.len >= SEGMENT_MAX || seq != g.seg_next {
             g.file.sync_data()?;
-            g.synced = g.next_seq - 1;
-            let f = Self::new_segment(&self.dir, g.next_seq)?;
+            g.synced = g.synced.max(seq - 1);
+            let f = Self::new_segment(&self.dir, seq)?;
+            let (old, empty) = (
+                segment_name(g.seg_first),
+                g.len == SEGMENT_HEADER_LEN as u64,
+            );
+            let gap = seq != g.seg_next;
             g.file = f;
             g.len = SEGMENT_HEADER_LEN as u64;
             g.bytes += g.len;
+            g.seg_first = seq;
+            g.seg_next = seq;
+            if gap {
+                // records before `seq` left the memory tail acknowledged
+                self.set_floor(g, seq - 1)?;
+            }
+            if empty {
+                fs::remove_file(self.dir.join(old))?;
+                g.bytes -= SEGMENT_HEADER_LEN as u64;
+                File::open(&self.dir)?.sync_all()?;
+                if let Some(p) = segments(&self.dir)?.first() {
+                    g.oldest = first_of(p)?;
+                }
+            }
         }
-        let seq = g.next_seq;
         let h = encode_record_header(kind, seq, offset, len, data);
         let at = g.len;
         // header and data in one system call
@@ -441,10 +600,48 @@ impl Journal {
             let d = n - h.len();
             g.file.write_all_at(&data[d..], at + n as u64)?;
         }
-        apply(seq)?;
-        let used = (h.len() + data.len()) as u64;
-        g.len = at + used;
-        g.bytes += used;
+        // committed by the caller (`g.len += used`) once the record counts
+        Ok((h.len() + data.len()) as u64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append<F: FnOnce(u64) -> io::Result<()>>(
+        &self,
+        g: &mut Inner,
+        kind: RecordKind,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        shared: Option<&Arc<Vec<u8>>>,
+        apply: F,
+    ) -> io::Result<u64> {
+        let seq = g.next_seq;
+        let need = data.len() as u64 + RECORD_OVERHEAD;
+        if g.mem_max > 0 {
+            if g.mem_bytes + need > g.mem_max {
+                // the recovery site is behind: the tail goes to segments
+                self.spill(g)?;
+            }
+            apply(seq)?;
+            let data = match shared {
+                Some(d) => d.clone(),
+                None => Arc::new(data.to_vec()),
+            };
+            g.mem.push_back(MemRecord {
+                kind,
+                seq,
+                offset,
+                len,
+                data,
+            });
+            g.mem_bytes += need;
+        } else {
+            let used = self.write_disk(g, kind, seq, offset, len, data)?;
+            apply(seq)?;
+            g.len += used;
+            g.bytes += used;
+            g.seg_next = seq + 1;
+        }
         g.next_seq += 1;
         g.times.push_back((seq, Instant::now()));
         if kind != RecordKind::Barrier {
@@ -467,7 +664,7 @@ impl Journal {
         assert!(cut_id != 0, "cut ids are non-zero");
         let mut guards: Vec<_> = journals.iter().map(|j| j.inner.lock().unwrap()).collect();
         for (j, g) in journals.iter().zip(guards.iter_mut()) {
-            j.append(g, RecordKind::Barrier, cut_id, 0, &[], |_| Ok(()))?;
+            j.append(g, RecordKind::Barrier, cut_id, 0, &[], None, |_| Ok(()))?;
         }
         Ok(())
     }
@@ -594,10 +791,39 @@ impl Cursor {
         journal: &Journal,
         max_bytes: usize,
     ) -> Result<Vec<OwnedRecord>, CursorError> {
-        let committed = journal.committed();
         let mut out = Vec::new();
         let mut used = 0usize;
-        while self.next <= committed && used < max_bytes {
+        loop {
+            // the memory tail, or the segments before it
+            let committed = {
+                let g = journal.inner.lock().unwrap();
+                let disk_next = g.disk_next();
+                if self.next >= disk_next {
+                    let skip = (self.next - disk_next) as usize;
+                    for r in g.mem.iter().skip(skip) {
+                        if used >= max_bytes {
+                            break;
+                        }
+                        out.push(OwnedRecord {
+                            kind: format!("{:?}", r.kind).to_lowercase(),
+                            seq: r.seq,
+                            offset: r.offset,
+                            len: r.len,
+                            data: r.data.clone(),
+                        });
+                        used += r.data.len() + RECORD_OVERHEAD as usize;
+                        self.next += 1;
+                    }
+                    // a later read from a segment positions afresh
+                    self.at = None;
+                    self.big = false;
+                    break;
+                }
+                disk_next - 1
+            };
+            if self.next > committed || used >= max_bytes {
+                break;
+            }
             if self.at.is_none() {
                 self.position(journal)?;
             }
@@ -623,7 +849,7 @@ impl Cursor {
                             seq: r.seq,
                             offset: r.offset,
                             len: r.len,
-                            data: r.data.to_vec(),
+                            data: Arc::new(r.data.to_vec()),
                         });
                         off += u;
                         used += u;
@@ -634,8 +860,12 @@ impl Cursor {
                 }
             }
             *pos += off as u64;
-            if self.next > committed || used >= max_bytes {
+            if used >= max_bytes {
                 break;
+            }
+            if self.next > committed {
+                // the segments are read: on to the memory tail
+                continue;
             }
             if !progressed && !self.big && n < remaining {
                 // a record larger than the read: read more
@@ -720,7 +950,7 @@ pub struct OwnedRecord {
     pub offset: u64,
     pub len: u32,
     #[serde(skip)]
-    pub data: Vec<u8>,
+    pub data: Arc<Vec<u8>>,
 }
 
 /// Read every record of the journal in `dir`, in order.
@@ -730,11 +960,13 @@ pub struct OwnedRecord {
 /// from one segment to the next.
 pub fn read_all(dir: &Path) -> io::Result<Vec<OwnedRecord>> {
     let mut out: Vec<OwnedRecord> = Vec::new();
+    // records up to the floor may have left without reaching a segment
+    let floor = read_seq(dir, "journal.floor")?;
     for p in segments(dir)? {
         let bytes = fs::read(&p)?;
         let seg = decode_segment(&bytes).map_err(|e| bad(&p, e))?;
         if let Some(last) = out.last() {
-            if seg.first_seq != last.seq + 1 {
+            if seg.first_seq != last.seq + 1 && seg.first_seq > floor + 1 {
                 return Err(bad(
                     &p,
                     format!("starts at seq {} after {}: a gap", seg.first_seq, last.seq),
@@ -747,7 +979,7 @@ pub fn read_all(dir: &Path) -> io::Result<Vec<OwnedRecord>> {
                 seq: r.seq,
                 offset: r.offset,
                 len: r.len,
-                data: r.data.to_vec(),
+                data: Arc::new(r.data.to_vec()),
             });
         }
     }
@@ -803,7 +1035,7 @@ mod tests {
             .unwrap();
         let all = read_all(d.path()).unwrap();
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(all[2].data, b"xy");
+        assert_eq!(all[2].data.as_slice(), b"xy");
     }
 
     #[test]
@@ -818,7 +1050,7 @@ mod tests {
         j.record(RecordKind::Write, 0, 1, b"b", |_| Ok(())).unwrap();
         let all = read_all(d.path()).unwrap();
         assert_eq!(all.len(), 1);
-        assert_eq!(all[0].data, b"b");
+        assert_eq!(all[0].data.as_slice(), b"b");
     }
 
     #[test]
@@ -894,6 +1126,87 @@ mod tests {
         std::fs::write(d.path().join("journal.state"), "another-boot running\n").unwrap();
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.follows(), Some((id2, 1)));
+        assert_eq!(j.committed(), 0);
+    }
+
+    #[test]
+    fn a_memory_tail_ships_without_segments_spills_when_full_and_is_kept_by_a_clean_stop() {
+        let d = tempfile::tempdir().unwrap();
+        let seg_bytes = |d: &Path| -> u64 {
+            segments(d)
+                .unwrap()
+                .iter()
+                .map(|p| fs::metadata(p).unwrap().len())
+                .sum()
+        };
+        let j = Journal::open_with_memory(d.path(), 1000).unwrap();
+        let empty = seg_bytes(d.path());
+        let w = |j: &Journal, i: u64| {
+            j.record_shared(
+                RecordKind::Write,
+                i * 10,
+                Arc::new(vec![i as u8; 100]),
+                |_| Ok(()),
+            )
+            .unwrap()
+        };
+        for i in 1..=5 {
+            assert_eq!(w(&j, i), i);
+        }
+        assert_eq!(seg_bytes(d.path()), empty, "the tail is in memory");
+        assert_eq!(j.bytes(), empty + 5 * 132);
+        let mut c = Cursor::new(1);
+        let got = c.read(&j, 1 << 20).unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert_eq!(got[2].data.as_slice(), &[3u8; 100][..]);
+        // acknowledged: released
+        j.release(2);
+        assert_eq!(j.bytes(), empty + 3 * 132);
+        // full: the tail (3..=9) goes to a segment, the next record to memory
+        for i in 6..=9 {
+            w(&j, i);
+        }
+        assert_eq!(seg_bytes(d.path()), empty);
+        w(&j, 10);
+        assert_eq!(seg_bytes(d.path()), empty + 7 * 132);
+        assert_eq!(j.bytes(), empty + 8 * 132);
+        // 1 and 2 left the tail acknowledged: the new segment starts at 3
+        assert_eq!((j.floor(), j.oldest()), (2, 3));
+        // a cursor that was in the memory tail goes on from the segment
+        let got = c.read(&j, 1 << 20).unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (6..=10).collect::<Vec<_>>()
+        );
+        let mut c = Cursor::new(3);
+        let got = c.read(&j, 1 << 20).unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (3..=10).collect::<Vec<_>>()
+        );
+        assert!(got.iter().all(|r| r.data.as_slice() == [r.seq as u8; 100]));
+        // a clean stop writes the tail; the next open has every record
+        j.close_clean().unwrap();
+        let id = j.id();
+        drop(j);
+        let j = Journal::open_with_memory(d.path(), 1000).unwrap();
+        assert_eq!((j.id(), j.committed()), (id, 10));
+        let got = Cursor::new(3).read(&j, 1 << 20).unwrap();
+        assert_eq!(got.len(), 8);
+        let all = read_all(d.path()).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (3..=10).collect::<Vec<_>>()
+        );
+        // a crash of the agent loses the tail: a new journal follows this one
+        w(&j, 11);
+        drop(j);
+        let j = Journal::open_with_memory(d.path(), 1000).unwrap();
+        assert_ne!(j.id(), id);
+        assert_eq!(j.follows(), Some((id, 0)));
         assert_eq!(j.committed(), 0);
     }
 }

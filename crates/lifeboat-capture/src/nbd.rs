@@ -23,8 +23,12 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 fn read_exact<S: Read>(s: &mut S, n: usize) -> io::Result<Vec<u8>> {
-    let mut v = vec![0u8; n];
-    s.read_exact(&mut v)?;
+    // not zeroed first: read_to_end fills spare capacity
+    let mut v = Vec::with_capacity(n);
+    s.take(n as u64).read_to_end(&mut v)?;
+    if v.len() < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(v)
 }
 
@@ -168,7 +172,7 @@ fn transmission<S: Conn>(
     let rx = Mutex::new(rx);
     let mut r = io::BufReader::with_capacity(256 << 10, s);
     let run = |req: Request, payload: Vec<u8>| {
-        let reply = match serve(export, &req, &payload, structured, base_allocation) {
+        let reply = match serve(export, &req, payload, structured, base_allocation) {
             Ok(v) => v,
             Err((errno, msg)) if structured => structured_error(req.cookie, errno, &msg),
             Err((errno, _)) => simple_reply(req.cookie, errno).to_vec(),
@@ -281,7 +285,7 @@ fn ok(cookie: u64, structured: bool) -> Vec<u8> {
 fn serve(
     export: &Export,
     req: &Request,
-    payload: &[u8],
+    payload: Vec<u8>,
     structured: bool,
     base_allocation: bool,
 ) -> Served {
@@ -331,7 +335,9 @@ fn serve(
             Ok(v)
         }
         CMD_WRITE => {
-            export.write(req.offset, payload).map_err(err)?;
+            export
+                .write_shared(req.offset, std::sync::Arc::new(payload))
+                .map_err(err)?;
             fua()?;
             Ok(ok(req.cookie, structured))
         }

@@ -78,13 +78,16 @@ impl Export {
         Ok(())
     }
 
-    /// Apply a change, journaled first when there is a journal.
+    /// Apply a change, journaled first when there is a journal (`shared`:
+    /// the same data, given away, so a journal's memory tail keeps it
+    /// without a copy).
     fn change(
         &self,
         kind: RecordKind,
         offset: u64,
         len: u64,
         data: &[u8],
+        shared: Option<std::sync::Arc<Vec<u8>>>,
         apply: &dyn Fn() -> io::Result<()>,
     ) -> io::Result<()> {
         self.check(offset, len)?;
@@ -95,13 +98,17 @@ impl Export {
         match &self.journal {
             Some(j) => {
                 // records hold at most MAX_RECORD_DATA; zero/trim carry no data
-                j.record(kind, offset, len as u32, data, |seq| {
+                let applied = |seq| {
                     apply()?;
                     if let Some(d) = &self.dirty {
                         d.note(offset, len, seq);
                     }
                     Ok(())
-                })?;
+                };
+                match shared {
+                    Some(s) => j.record_shared(kind, offset, s, applied)?,
+                    None => j.record(kind, offset, len as u32, data, applied)?,
+                };
             }
             None => apply()?,
         }
@@ -113,9 +120,31 @@ impl Export {
     /// # Errors
     /// Read-only export, out of range, I/O errors (then nothing is acknowledged).
     pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.change(RecordKind::Write, offset, data.len() as u64, data, &|| {
-            self.file.write_all_at(data, offset)
-        })
+        self.change(
+            RecordKind::Write,
+            offset,
+            data.len() as u64,
+            data,
+            None,
+            &|| self.file.write_all_at(data, offset),
+        )
+    }
+
+    /// [`Export::write`] of data the caller gives away (no copy into the
+    /// journal's memory tail).
+    ///
+    /// # Errors
+    /// As [`Export::write`].
+    pub fn write_shared(&self, offset: u64, data: std::sync::Arc<Vec<u8>>) -> io::Result<()> {
+        let d = data.clone();
+        self.change(
+            RecordKind::Write,
+            offset,
+            d.len() as u64,
+            &d,
+            Some(data),
+            &|| self.file.write_all_at(&d, offset),
+        )
     }
 
     /// Make `[offset, offset+len)` read as zeros (punching a hole if allowed).
@@ -124,7 +153,7 @@ impl Export {
     /// As [`Export::write`].
     pub fn zero(&self, offset: u64, len: u64, may_punch: bool) -> io::Result<()> {
         for (o, l) in pieces(offset, len) {
-            self.change(RecordKind::Zero, o, l, &[], &|| {
+            self.change(RecordKind::Zero, o, l, &[], None, &|| {
                 if may_punch && punch(&self.file, o, l).is_ok() {
                     return Ok(());
                 }
@@ -147,7 +176,7 @@ impl Export {
     /// As [`Export::write`].
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         for (o, l) in pieces(offset, len) {
-            self.change(RecordKind::Trim, o, l, &[], &|| {
+            self.change(RecordKind::Trim, o, l, &[], None, &|| {
                 let _ = punch(&self.file, o, l);
                 Ok(())
             })?;

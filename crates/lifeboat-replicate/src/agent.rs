@@ -34,6 +34,7 @@ pub const CHUNK_SIZE: u32 = 64 << 10;
 
 pub mod defaults {
     pub const JOURNAL_MAX: &str = "8GiB";
+    pub const JOURNAL_MEMORY: &str = "256MiB";
     pub const STATE_DIR: &str = "/var/lib/lifeboat/agent";
 }
 
@@ -53,6 +54,11 @@ pub struct AgentConfig {
     pub bandwidth_windows: Vec<crate::throttle::Window>,
     /// Outage buffer per volume; beyond it the dirty map takes over.
     pub journal_max: String,
+    /// The newest records of each volume's journal are kept in memory, up
+    /// to this much, and written to disk only when replication falls behind
+    /// (or at a clean stop); "0" writes every record to disk. A crash of the
+    /// agent loses the memory part: the dirty map then bounds the resync.
+    pub journal_memory: String,
     #[serde(rename = "item")]
     pub items: Vec<ItemConfig>,
 }
@@ -114,6 +120,7 @@ impl Default for AgentConfig {
             bandwidth: None,
             bandwidth_windows: vec![],
             journal_max: defaults::JOURNAL_MAX.into(),
+            journal_memory: defaults::JOURNAL_MEMORY.into(),
             items: vec![],
         }
     }
@@ -141,6 +148,7 @@ impl AgentConfig {
     /// Bad sizes, rates, modes or duplicate names.
     pub fn validate(&self) -> Result<()> {
         parse_size(&self.journal_max).context("journal_max")?;
+        parse_size(&self.journal_memory).context("journal_memory")?;
         crate::throttle::Schedule::parse(self.bandwidth.as_deref(), &self.bandwidth_windows)
             .context("bandwidth")?;
         let mut seen = std::collections::HashSet::new();
@@ -321,8 +329,10 @@ fn start_volume(
         .with_context(|| format!("cannot open {}", v.path.display()))?;
     let size = volume_size(&file)?;
     let jdir = cfg.state_dir.join("journals").join(item).join(&v.name);
-    let journal =
-        Arc::new(Journal::open(&jdir).with_context(|| format!("journal in {}", jdir.display()))?);
+    let journal = Arc::new(
+        Journal::open_with_memory(&jdir, parse_size(&cfg.journal_memory)?)
+            .with_context(|| format!("journal in {}", jdir.display()))?,
+    );
     let dirty = Arc::new(
         DirtyMap::open(&jdir.join("dirty.map"), CHUNK_SIZE, size)
             .with_context(|| format!("dirty map in {}", jdir.display()))?,

@@ -30,10 +30,15 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Resu
     if n > max {
         bail!("a {n}-byte frame from a peer that may send at most {max} now");
     }
-    let mut b = vec![0u8; n];
-    r.read_exact(&mut b)
+    // read into spare capacity: a frame of megabytes is not zeroed first
+    let mut b = Vec::with_capacity(n);
+    r.take(n as u64)
+        .read_to_end(&mut b)
         .await
         .context("the stream ended inside a frame (truncated)")?;
+    if b.len() < n {
+        bail!("the stream ended inside a frame (truncated)");
+    }
     Ok(Some(Frame::decode(&b)?))
 }
 

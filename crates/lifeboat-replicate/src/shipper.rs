@@ -273,6 +273,8 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             let ack = matches!(f, Some(Frame::Ack { .. }));
             if let Some(Frame::Ack { seq, resync_done }) = &f {
                 rstatus.acked.store(*seq, Ordering::Relaxed);
+                // the memory tail's acknowledged records go at once (cheap)
+                rsrc.journal.release(*seq);
                 let _ = ack_tx.send(*seq);
                 if *resync_done {
                     rsrc.dirty.pass_end(true);

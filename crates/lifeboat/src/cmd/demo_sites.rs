@@ -100,7 +100,7 @@ pub fn run(
         .open(vol)?;
     let size = volume_size(&file)?;
     let jdir = agent_dir.join("journals/app/disk0");
-    let journal = Arc::new(Journal::open(&jdir)?);
+    let journal = Arc::new(Journal::open_with_memory(&jdir, 256 << 20)?);
     let dirty = Arc::new(DirtyMap::open(&jdir.join("dirty.map"), CHUNK_SIZE, size)?);
     let export = Arc::new(Export::new(
         "disk0",
