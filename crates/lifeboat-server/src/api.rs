@@ -6,6 +6,10 @@
 //! * `GET  /api/v1/points[?item=NAME]`    — recovery points cut by this server
 //! * `POST /api/v1/items/{item}/points[?kind=app-consistent]` — cut a point now
 //! * `GET  /api/v1/agents`                — enrolled agents
+//!
+//! Calls that change state (POST) need `Authorization: Bearer TOKEN`, the
+//! token in the server directory's `api.token` (mode 0600); reads are open
+//! to whoever reaches the API address (loopback by default).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,7 +32,37 @@ pub fn router(st: Arc<State>) -> Router {
         .route("/api/v1/points", get(points))
         .route("/api/v1/items/{item}/points", post(cut_point))
         .route("/api/v1/agents", get(agents))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), authorize))
         .with_state(st)
+}
+
+/// Calls that change state need the API token.
+async fn authorize(
+    AxState(st): AxState<Arc<State>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if blake3::hash(t.trim().as_bytes()) == st.api_token => next.run(req).await,
+        _ => ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "this call changes state and needs the API token: send `Authorization: Bearer` \
+                 with the token in {}/api.token (lifeboat point cut reads it from \
+                 --api-token-file or LIFEBOAT_API_TOKEN)",
+                st.dir.display()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 struct ApiError(StatusCode, String);

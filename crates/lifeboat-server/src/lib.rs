@@ -39,6 +39,28 @@ const CA_CERT: &str = "tls/ca.crt";
 const CA_KEY: &str = "tls/ca.key";
 const SERVER_CERT: &str = "tls/server.crt";
 const SERVER_KEY: &str = "tls/server.key";
+/// The API's bearer token for calls that change state (mode 0600).
+pub const API_TOKEN: &str = "api.token";
+
+/// The API token of a server directory, made on first use.
+///
+/// # Errors
+/// I/O errors, or a token file that is not a token.
+pub fn api_token(dir: &Path) -> Result<String> {
+    let p = dir.join(API_TOKEN);
+    if !p.exists() {
+        let mut b = [0u8; 32];
+        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+        let t: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        write_private(&p, format!("lbapi1.{t}\n").as_bytes())?;
+    }
+    let t = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let t = t.trim();
+    if !t.starts_with("lbapi1.") {
+        anyhow::bail!("{} does not hold an API token (lbapi1.…)", p.display());
+    }
+    Ok(t.to_string())
+}
 
 fn ca_name(site: &str) -> String {
     format!("Lifeboat CA ({site})")
@@ -75,6 +97,7 @@ pub fn init(dir: &Path, cfg: &ServerConfig) -> Result<()> {
     fs::write(dir.join(SERVER_CERT), &scert)?;
     write_private(&dir.join(SERVER_KEY), &skey)?;
     Db::open(&dir.join("state.db"))?;
+    api_token(dir)?;
     fs::create_dir_all(cfg.replica_dir(dir))?;
     let tmp = dir.join("server.toml.partial");
     fs::write(&tmp, cfg.to_toml())?;
@@ -151,6 +174,8 @@ pub struct State {
     pub started: Instant,
     /// Serializes point cuts.
     pub cut_lock: tokio::sync::Mutex<()>,
+    /// BLAKE3 of the API token (compared in constant time).
+    pub api_token: blake3::Hash,
 }
 
 /// Addresses a running server listens on.
@@ -215,6 +240,7 @@ pub async fn run(
         volumes: Mutex::new(HashMap::new()),
         started: Instant::now(),
         cut_lock: tokio::sync::Mutex::new(()),
+        api_token: blake3::hash(api_token(&dir)?.as_bytes()),
     });
     tracing::info!(
         "lifeboat server: agents on {}, API on http://{}",

@@ -179,7 +179,7 @@ fn a_qemu_vm_makes_and_writes_ext4_on_the_replicated_nbd_export() {
     assert_eq!(st["consistent"], true, "{st}");
     // a point cut now restores to a file system that checks clean and holds
     // the guest's files
-    let (code, cut) = http(&s.api, "POST", "/api/v1/items/db/points");
+    let (code, cut) = s.cut();
     assert_eq!(code, 200, "{cut}");
     let id = cut["id"].as_str().unwrap().to_string();
     ok(lb(

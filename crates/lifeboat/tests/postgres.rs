@@ -198,7 +198,7 @@ fn postgres_on_a_fuse_export_survives_a_30s_link_cut_and_restores_at_the_recover
         "resent {resent} for {written} written"
     );
     // a crash-consistent point in the middle of the run
-    let (code, cut) = http(&s.api, "POST", "/api/v1/items/db/points");
+    let (code, cut) = s.cut();
     assert_eq!(code, 200, "{cut}");
     let id = cut["id"].as_str().unwrap().to_string();
     let o = bench.wait_with_output().unwrap();

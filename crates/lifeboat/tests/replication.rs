@@ -54,7 +54,11 @@ fn splitter_writes_reach_the_hot_replica_and_recovery_points() {
         .unwrap());
     assert!(map.contains("hole"), "{map}");
     // a point cut now restores byte-identical to the source
-    let (code, cut) = http(&s.api, "POST", "/api/v1/items/db/points");
+    // a call that changes state needs the API token
+    let (code, e) = http(&s.api, "POST", "/api/v1/items/db/points");
+    assert_eq!(code, 401, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("api.token"), "{e}");
+    let (code, cut) = s.cut();
     assert_eq!(code, 200, "{cut}");
     let id = cut["id"].as_str().unwrap().to_string();
     ok(lb(
@@ -292,12 +296,12 @@ fn a_consistency_group_is_cut_at_the_same_marker_on_every_volume() {
     };
     // counter i goes to disk0, then (after it is acknowledged) to disk1:
     // any consistent state has disk1 <= disk0 <= disk1 + 1
-    let api = s.api.clone();
+    let (api, token) = (s.api.clone(), s.api_token());
     let cutter = std::thread::spawn(move || {
         let mut ids = Vec::new();
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(1500));
-            let (code, cut) = http(&api, "POST", "/api/v1/items/db/points");
+            let (code, cut) = http_as(&api, "POST", "/api/v1/items/db/points", Some(&token));
             assert_eq!(code, 200, "{cut}");
             ids.push(cut["id"].as_str().unwrap().to_string());
         }
@@ -364,6 +368,8 @@ fn app_consistent_points_run_the_agents_hooks_around_the_cut() {
             "--app-consistent",
             "--api",
             &s.api,
+            "--api-token-file",
+            "srv/api.token",
             "--json",
         ],
     ));
@@ -393,7 +399,16 @@ fn app_consistent_points_run_the_agents_hooks_around_the_cut() {
     set_hooks("exit 3");
     let o = lb(
         d.path(),
-        &["point", "cut", "db", "--app-consistent", "--api", &s.api],
+        &[
+            "point",
+            "cut",
+            "db",
+            "--app-consistent",
+            "--api",
+            &s.api,
+            "--api-token-file",
+            "srv/api.token",
+        ],
     );
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);

@@ -236,7 +236,9 @@ pub fn run(
     if digest(&Endpoint::Local(replica.clone()))? != digest(&Endpoint::Local(vol.to_path_buf()))? {
         bail!("the hot replica differs from the primary volume");
     }
-    let cut: serde_json::Value = serde_json::from_str(&post(&api, "/api/v1/items/app/points")?)?;
+    let token = lifeboat_server::api_token(&site_dir)?;
+    let cut: serde_json::Value =
+        serde_json::from_str(&post(&api, "/api/v1/items/app/points", &token)?)?;
     let point = cut["id"].as_str().context("no point id")?.to_string();
     say(
         "hot replica + point",

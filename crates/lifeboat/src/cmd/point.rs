@@ -44,7 +44,7 @@ are written in place.\n\nExample:\n  lifeboat point restore /srv/vault latest --
     #[command(
         after_help = "Crash-consistent by default; --app-consistent runs the item's freeze and thaw hooks on \
 the agent around the cut marker (agent.toml: freeze = \"…\", thaw = \"…\").\n\nExamples:\n  \
-lifeboat point cut db --api 127.0.0.1:7480\n  lifeboat point cut db --app-consistent --json"
+lifeboat point cut db --api 127.0.0.1:7480 --api-token-file /srv/lifeboat/api.token\n  LIFEBOAT_API_TOKEN=… lifeboat point cut db --app-consistent --json"
     )]
     Cut(CutArgs),
 }
@@ -56,6 +56,10 @@ pub struct CutArgs {
     /// The server's API address
     #[arg(long, default_value = lifeboat_server::config::defaults::API, env = "LIFEBOAT_API")]
     pub api: String,
+    /// The server's API token (the server directory's `api.token`);
+    /// LIFEBOAT_API_TOKEN works too
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
     /// Run the item's freeze/thaw hooks on the agent around the cut
     #[arg(long)]
     pub app_consistent: bool,
@@ -159,9 +163,11 @@ pub fn run(c: PointCmd) -> Result<()> {
             } else {
                 "crash-consistent"
             };
+            let token = crate::cmd::status::api_token(a.api_token_file.as_deref())?;
             let body = crate::cmd::status::post(
                 &a.api,
                 &format!("/api/v1/items/{}/points?kind={kind}", a.item),
+                &token,
             )?;
             let v: serde_json::Value = serde_json::from_str(&body)?;
             if a.json {

@@ -20,21 +20,41 @@ pub struct StatusArgs {
 
 /// GET a JSON document from the API (plain HTTP/1.1 on the local network).
 pub fn get(api: &str, path: &str) -> Result<String> {
-    request(api, "GET", path)
+    request(api, "GET", path, None)
 }
 
-/// POST (no body) to the API; returns the JSON answer.
-pub fn post(api: &str, path: &str) -> Result<String> {
-    request(api, "POST", path)
+/// POST (no body) to the API with its token; returns the JSON answer.
+pub fn post(api: &str, path: &str, token: &str) -> Result<String> {
+    request(api, "POST", path, Some(token))
 }
 
-fn request(api: &str, method: &str, path: &str) -> Result<String> {
+/// The API token for calls that change state: `LIFEBOAT_API_TOKEN`, or the
+/// file given (the server directory's `api.token`).
+pub fn api_token(file: Option<&std::path::Path>) -> Result<String> {
+    if let Some(f) = file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the API token from {}", f.display()))?;
+        return Ok(t.trim().to_string());
+    }
+    match std::env::var("LIFEBOAT_API_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => bail!(
+            "this call needs the server's API token: --api-token-file SERVER_DIR/api.token \
+             or LIFEBOAT_API_TOKEN"
+        ),
+    }
+}
+
+fn request(api: &str, method: &str, path: &str, token: Option<&str>) -> Result<String> {
     let addr = api.trim_start_matches("http://").trim_end_matches('/');
     let mut s = std::net::TcpStream::connect(addr).with_context(|| {
         format!("cannot reach the Lifeboat API at {addr} (is `lifeboat server run` up?)")
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n")?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\r\n")?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);

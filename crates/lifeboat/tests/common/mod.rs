@@ -145,10 +145,18 @@ pub fn scattered_writes(n: u64, mul: u64) -> Vec<String> {
 }
 
 pub fn http(api: &str, method: &str, path: &str) -> (u16, Value) {
+    http_as(api, method, path, None)
+}
+
+/// [`http`] with the API token (calls that change state need it).
+pub fn http_as(api: &str, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
     let mut s = std::net::TcpStream::connect(api).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
     )
     .unwrap();
     let mut b = String::new();
@@ -366,6 +374,24 @@ impl Sites {
         let (code, v) = http(&self.api, "GET", "/api/v1/status");
         assert_eq!(code, 200, "{v}");
         v["volumes"][0].clone()
+    }
+
+    /// The server's API token (for calls that change state).
+    pub fn api_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("srv/api.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Cut a point now through the API.
+    pub fn cut(&self) -> (u16, Value) {
+        http_as(
+            &self.api,
+            "POST",
+            "/api/v1/items/db/points",
+            Some(&self.api_token()),
+        )
     }
 
     pub fn replica(&self) -> PathBuf {
