@@ -433,6 +433,26 @@ impl Frame {
         v
     }
 
+    /// For a [`Frame::Batch`]: the bytes [`Frame::encode`] puts before its
+    /// payload, so a writer can send the payload without copying it into
+    /// one buffer first. Other frames: `None`.
+    pub fn batch_head(&self) -> Option<[u8; 10]> {
+        let Frame::Batch {
+            codec,
+            raw_len,
+            payload,
+        } = self
+        else {
+            return None;
+        };
+        let mut h = [0u8; 10];
+        h[..4].copy_from_slice(&(6 + payload.len() as u32).to_be_bytes());
+        h[4] = T_BATCH;
+        h[5] = *codec;
+        h[6..].copy_from_slice(&raw_len.to_le_bytes());
+        Some(h)
+    }
+
     /// Length of the frame whose 4-byte prefix is `prefix` (type + body).
     ///
     /// # Errors
@@ -724,6 +744,15 @@ mod tests {
         ];
         let p = encode_records(&recs);
         assert_eq!(decode_records(&p).unwrap(), recs);
+        let b = Frame::Batch {
+            codec: 1,
+            raw_len: 77,
+            payload: vec![9; 33],
+        };
+        let mut split = b.batch_head().unwrap().to_vec();
+        split.extend_from_slice(&[9; 33]);
+        assert_eq!(split, b.encode(), "batch_head + payload is the frame");
+        assert_eq!(Frame::Ping { t: 1 }.batch_head(), None);
         roundtrip(Frame::Batch {
             codec: 0,
             raw_len: p.len() as u32,

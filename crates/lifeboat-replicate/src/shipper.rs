@@ -189,13 +189,18 @@ struct Writer<W> {
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     async fn send(&mut self, f: &Frame) -> Result<()> {
-        let e = f.encode();
-        self.throttle.take(e.len() as u64).await;
-        self.status
-            .sent_bytes
-            .fetch_add(e.len() as u64, Ordering::Relaxed);
-        tokio::io::AsyncWriteExt::write_all(&mut self.w, &e).await?;
-        tokio::io::AsyncWriteExt::flush(&mut self.w).await?;
+        use tokio::io::AsyncWriteExt;
+        // a batch's payload goes out as it is (no copy into a frame buffer)
+        let (head, body): (Vec<u8>, &[u8]) = match (f.batch_head(), f) {
+            (Some(h), Frame::Batch { payload, .. }) => (h.to_vec(), payload),
+            _ => (f.encode(), &[]),
+        };
+        let n = (head.len() + body.len()) as u64;
+        self.throttle.take(n).await;
+        self.status.sent_bytes.fetch_add(n, Ordering::Relaxed);
+        self.w.write_all(&head).await?;
+        self.w.write_all(body).await?;
+        self.w.flush().await?;
         Ok(())
     }
 }
