@@ -99,6 +99,9 @@ struct Track {
     pending: u64,
     /// Records up to this sequence are durable in the local volume.
     volume_synced: u64,
+    /// Writes marked but not yet journaled (`mark` .. `note`), per chunk:
+    /// a chunk with one in flight is never cleared.
+    inflight: Vec<u32>,
 }
 
 impl Track {
@@ -111,6 +114,7 @@ impl Track {
             pending: needs.iter().filter(|n| **n != 0).count() as u64,
             needs,
             volume_synced: 0,
+            inflight: vec![0; chunks as usize],
         }
     }
 
@@ -236,10 +240,12 @@ impl DirtyMap {
         let mut bits = self.bits.lock().unwrap();
         {
             // in flight until `note` gives the record's sequence: a clearing
-            // pass in between must not clear these bits
+            // pass in between must not clear these bits (a count, as
+            // several writes to one chunk may be in flight; one that fails
+            // keeps its chunk dirty until the next start)
             let mut t = self.track.lock().unwrap();
             for c in r.clone() {
-                t.last_seq[c as usize] = u64::MAX;
+                t.inflight[c as usize] += 1;
             }
         }
         let (mut lo, mut hi) = (usize::MAX, 0usize);
@@ -300,7 +306,9 @@ impl DirtyMap {
         let r = self.chunk_range(offset, len);
         let mut t = self.track.lock().unwrap();
         for c in r {
-            t.last_seq[c as usize] = seq;
+            let c = c as usize;
+            t.last_seq[c] = t.last_seq[c].max(seq);
+            t.inflight[c] = t.inflight[c].saturating_sub(1);
         }
     }
 
@@ -315,7 +323,7 @@ impl DirtyMap {
         let mut t = self.track.lock().unwrap();
         let mut n = 0;
         for c in 0..self.header.chunks() as usize {
-            if t.last_seq[c] > acked {
+            if t.last_seq[c] > acked || t.inflight[c] > 0 {
                 t.flag(c);
                 bits[c / 8] |= 1 << (c % 8);
                 n += 1;
@@ -399,7 +407,7 @@ impl DirtyMap {
             for c in g.clone() {
                 if set(&bits, c) {
                     any = true;
-                    clearable &= t.needs[c] == 0 && t.last_seq[c] <= upto;
+                    clearable &= t.needs[c] == 0 && t.inflight[c] == 0 && t.last_seq[c] <= upto;
                 }
             }
             if !any || !clearable {

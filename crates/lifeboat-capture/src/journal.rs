@@ -50,7 +50,7 @@ pub struct Journal {
     /// The journal this one replaced after a machine crash, and how far the
     /// recovery site had acknowledged it when its changes were last
     /// cleared from the dirty map (`journal.follows`).
-    follows: Option<([u8; 16], u64)>,
+    follows: Mutex<Option<([u8; 16], u64)>>,
     inner: Mutex<Inner>,
 }
 
@@ -246,7 +246,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             id,
-            follows,
+            follows: Mutex::new(follows),
             inner: Mutex::new(Inner {
                 file,
                 len,
@@ -275,7 +275,26 @@ impl Journal {
     /// The journal this one replaced after a machine crash, with the
     /// sequence up to which the dirty map may have forgotten its changes.
     pub fn follows(&self) -> Option<([u8; 16], u64)> {
-        self.follows
+        *self.follows.lock().unwrap()
+    }
+
+    /// The recovery site holds this journal's state (a resync pass under
+    /// it was acknowledged): forget the one it followed, so a recovery site
+    /// whose state went back to the old journal later is compared in full.
+    ///
+    /// # Errors
+    /// I/O errors removing `journal.follows`.
+    pub fn forget_follows(&self) -> io::Result<()> {
+        let mut f = self.follows.lock().unwrap();
+        if f.is_some() {
+            match fs::remove_file(self.dir.join("journal.follows")) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            File::open(&self.dir)?.sync_all()?;
+            *f = None;
+        }
+        Ok(())
     }
 
     /// The dirty map is about to forget changes up to `acked` (the recovery
@@ -324,6 +343,13 @@ impl Journal {
         let (c, f) = {
             let mut g = self.inner.lock().unwrap();
             self.spill(&mut g)?;
+            if g.seg_next != g.next_seq {
+                // records released from the memory tail never reached a
+                // segment: an empty one at the next sequence keeps the
+                // numbering across a restart
+                let next = g.next_seq;
+                self.roll_to(&mut g, next)?;
+            }
             if g.synced + 1 >= g.next_seq {
                 return Ok(g.synced);
             }
@@ -372,10 +398,13 @@ impl Journal {
     /// memory tail's records up to it (cheap: call it on every
     /// acknowledgement; [`Journal::trim`] also deletes segments).
     pub fn release(&self, acked: u64) {
+        // the buffers are freed after the lock is let go (writers wait on it)
+        let mut freed = Vec::new();
         let mut g = self.inner.lock().unwrap();
         while g.mem.front().is_some_and(|r| r.seq <= acked) {
             let r = g.mem.pop_front().expect("front");
             g.mem_bytes -= r.data.len() as u64 + RECORD_OVERHEAD;
+            freed.push(r);
         }
         if g.mem.is_empty() {
             g.mem_bytes = 0;
@@ -383,6 +412,8 @@ impl Journal {
         while g.times.front().is_some_and(|(s, _)| *s <= acked) {
             g.times.pop_front();
         }
+        drop(g);
+        drop(freed);
     }
 
     /// Commit time of the oldest record after `acked` recorded by this
@@ -561,31 +592,7 @@ impl Journal {
         data: &[u8],
     ) -> io::Result<u64> {
         if g.len >= SEGMENT_MAX || seq != g.seg_next {
-            g.file.sync_data()?;
-            g.synced = g.synced.max(seq - 1);
-            let f = Self::new_segment(&self.dir, seq)?;
-            let (old, empty) = (
-                segment_name(g.seg_first),
-                g.len == SEGMENT_HEADER_LEN as u64,
-            );
-            let gap = seq != g.seg_next;
-            g.file = f;
-            g.len = SEGMENT_HEADER_LEN as u64;
-            g.bytes += g.len;
-            g.seg_first = seq;
-            g.seg_next = seq;
-            if gap {
-                // records before `seq` left the memory tail acknowledged
-                self.set_floor(g, seq - 1)?;
-            }
-            if empty {
-                fs::remove_file(self.dir.join(old))?;
-                g.bytes -= SEGMENT_HEADER_LEN as u64;
-                File::open(&self.dir)?.sync_all()?;
-                if let Some(p) = segments(&self.dir)?.first() {
-                    g.oldest = first_of(p)?;
-                }
-            }
+            self.roll_to(g, seq)?;
         }
         let h = encode_record_header(kind, seq, offset, len, data);
         let at = g.len;
@@ -602,6 +609,41 @@ impl Journal {
         }
         // committed by the caller (`g.len += used`) once the record counts
         Ok((h.len() + data.len()) as u64)
+    }
+
+    /// Start a new segment whose first record will be `seq` (the current
+    /// one is full, or records before `seq` left the memory tail
+    /// acknowledged without reaching a segment: then the floor says so, and
+    /// an empty current segment is removed).
+    fn roll_to(&self, g: &mut Inner, seq: u64) -> io::Result<()> {
+        if seq == g.seg_first && g.len == SEGMENT_HEADER_LEN as u64 {
+            g.seg_next = seq;
+            return Ok(());
+        }
+        if seq != g.seg_next {
+            self.set_floor(g, seq - 1)?;
+        }
+        g.file.sync_data()?;
+        g.synced = g.synced.max(seq - 1);
+        let f = Self::new_segment(&self.dir, seq)?;
+        let (old, empty) = (
+            segment_name(g.seg_first),
+            g.len == SEGMENT_HEADER_LEN as u64,
+        );
+        g.file = f;
+        g.len = SEGMENT_HEADER_LEN as u64;
+        g.bytes += g.len;
+        g.seg_first = seq;
+        g.seg_next = seq;
+        if empty {
+            fs::remove_file(self.dir.join(old))?;
+            g.bytes -= SEGMENT_HEADER_LEN as u64;
+            File::open(&self.dir)?.sync_all()?;
+            if let Some(p) = segments(&self.dir)?.first() {
+                g.oldest = first_of(p)?;
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1208,5 +1250,27 @@ mod tests {
         assert_ne!(j.id(), id);
         assert_eq!(j.follows(), Some((id, 0)));
         assert_eq!(j.committed(), 0);
+    }
+
+    #[test]
+    fn a_clean_stop_after_the_tail_was_released_keeps_the_numbering() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open_with_memory(d.path(), 1 << 20).unwrap();
+        for i in 0..3u64 {
+            j.record(RecordKind::Write, i, 1, b"x", |_| Ok(())).unwrap();
+        }
+        j.release(3);
+        j.close_clean().unwrap();
+        let id = j.id();
+        drop(j);
+        let j = Journal::open_with_memory(d.path(), 1 << 20).unwrap();
+        assert_eq!((j.id(), j.committed(), j.floor()), (id, 3, 3));
+        assert_eq!(
+            j.record(RecordKind::Write, 0, 1, b"y", |_| Ok(())).unwrap(),
+            4
+        );
+        // a follows file is forgotten for good
+        j.forget_follows().unwrap();
+        assert_eq!(j.follows(), None);
     }
 }

@@ -205,6 +205,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn kind_of(s: &str) -> RecKind {
     match s {
         "write" => RecKind::Write,
@@ -283,6 +292,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 let _ = ack_tx.send(*seq);
                 if *resync_done {
                     rsrc.dirty.pass_end(true);
+                    // the recovery site holds this journal's state now:
+                    // the journal it followed after a crash is forgotten
+                    // (before any bit is cleared under this journal)
+                    rsrc.journal.forget_follows()?;
                     let _ = ev_tx.send(Event::ResyncAcked).await;
                 }
             }
@@ -364,6 +377,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
         Ok::<(), anyhow::Error>(())
     });
 
+    // the reader goes with this connection, however it ends (an aborted
+    // shipper must not go on clearing bits of a volume being restarted)
+    let _stop_reader = AbortOnDrop(reader.abort_handle());
+
     // a recovery site that lacks records this journal already removed after
     // acknowledgement (its state was restored from an older copy), or that
     // is ahead of this journal, can only be brought back by a full compare
@@ -379,6 +396,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             src.journal.floor()
         );
     }
+    // a journal that follows another after a crash: the replica is not a
+    // crash state of this one until a pass (over the dirty map's chunks,
+    // however few) is acknowledged
+    let mut need_pass = src.journal.follows().is_some();
     let mut cursor = Cursor::new(applied + 1);
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let started = Instant::now();
@@ -396,7 +417,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             }
             // a gap (dropped journal), pending dirty chunks, or no initial sync: a pass
             let gap = src.journal.oldest() > cursor.next_seq();
-            if need_full || gap || src.dirty.pending() > 0 {
+            if need_full || need_pass || gap || src.dirty.pending() > 0 {
                 status.set_state(if need_full {
                     VolumeState::InitialSync
                 } else {
@@ -409,6 +430,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                     last_scan = Some(began);
                 }
                 need_full = false;
+                need_pass = false;
                 continue;
             }
             // paused by the operator: report, keep the journal bounded, ship nothing

@@ -546,4 +546,25 @@ fn a_machine_crash_under_the_agent_compares_only_the_dirty_chunks() {
         st["resync_chunks_compared"].as_u64().unwrap() <= 128,
         "{st}"
     );
+    // a crash while idle, every group cleared: an empty pass still makes
+    // the replica a crash state of the new journal
+    std::thread::sleep(Duration::from_secs(7));
+    s.agent.as_mut().unwrap().kill9();
+    for f in ["dirty.state", "journal.state"] {
+        std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
+    }
+    s.start_agent();
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = s.converge();
+        if st["consistent"] == true || t.elapsed() > Duration::from_secs(30) {
+            break st;
+        }
+    };
+    assert_eq!(st["consistent"], true, "{st}");
+    assert_eq!(st["resync_chunks_compared"], 0, "{st}");
+    assert!(
+        !jdir.join("journal.follows").exists(),
+        "forgotten once the pass is acknowledged"
+    );
 }
