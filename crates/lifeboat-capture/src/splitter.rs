@@ -26,6 +26,9 @@ pub struct Export {
     /// Chunks written since the replica last caught up (see dirtymap.rs for
     /// what survives which crash).
     pub dirty: Option<std::sync::Arc<DirtyMap>>,
+    /// Set by [`Export::close`]: changes are refused from then on (held
+    /// shared by every change, so closing waits for those in progress).
+    closed: std::sync::RwLock<bool>,
 }
 
 impl Export {
@@ -62,7 +65,15 @@ impl Export {
             read_only,
             journal,
             dirty,
+            closed: std::sync::RwLock::new(false),
         }
+    }
+
+    /// Refuse every change from now on (clients get an I/O error), after
+    /// the changes in progress are done: the journal and dirty map can then
+    /// be closed without a write slipping in after them.
+    pub fn close(&self) {
+        *self.closed.write().unwrap() = true;
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -91,6 +102,13 @@ impl Export {
         apply: &dyn Fn() -> io::Result<()>,
     ) -> io::Result<()> {
         self.check(offset, len)?;
+        let closed = self.closed.read().unwrap();
+        if *closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("{}: the export is stopping", self.name),
+            ));
+        }
         // The dirty map first: whatever happens next, a resync covers it.
         if let Some(d) = &self.dirty {
             d.mark(offset, len)?;

@@ -455,6 +455,8 @@ fn stop_volume(r: Running) {
     // recovery site holds (and that the flush makes durable here) can be
     // cleared, so a restart compares none of them.
     let acked = r.status.acked.load(std::sync::atomic::Ordering::Relaxed);
+    // no write lands after the journal and map are closed
+    r.export.close();
     if let Err(e) = r.export.flush() {
         tracing::warn!("{}: flush at stop: {e}", r.cfg.name);
     }
