@@ -66,20 +66,28 @@ pub(crate) fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Whether the state file `p` ("<boot id> running|clean") says its owner
-/// was left open by another boot: the machine crashed while it ran.
-pub(crate) fn left_open_by_another_boot(p: &Path) -> bool {
-    std::fs::read_to_string(p).is_ok_and(|s| {
-        let mut it = s.split_whitespace();
-        let (boot, clean) = (it.next().unwrap_or(""), it.next() == Some("clean"));
-        !clean && boot != boot_id()
-    })
+/// The state file `p` ("<boot id> <how>", how: running, running-memory or
+/// clean) of a map or journal, if there is one.
+pub(crate) fn read_state(p: &Path) -> Option<(String, String)> {
+    let s = std::fs::read_to_string(p).ok()?;
+    let mut it = s.split_whitespace();
+    Some((it.next()?.to_string(), it.next().unwrap_or("").to_string()))
 }
 
-pub(crate) fn write_state(p: &Path, text: &str) -> io::Result<()> {
-    let tmp = p.with_extension("state.partial");
+/// Whether the state file `p` says its owner was left open by another
+/// boot: the machine crashed while it ran.
+pub(crate) fn left_open_by_another_boot(p: &Path) -> bool {
+    read_state(p).is_some_and(|(boot, how)| how != "clean" && boot != boot_id())
+}
+
+/// Replace the file `p` with `bytes`, durably: a temporary name beside it,
+/// synced, renamed over it, the directory synced.
+pub(crate) fn write_atomic(p: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = p.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut f = File::create(&tmp)?;
-    io::Write::write_all(&mut f, text.as_bytes())?;
+    io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, p)?;
     if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -202,7 +210,7 @@ impl DirtyMap {
                 self.pending()
             );
         }
-        write_state(&self.state, &format!("{} running\n", boot_id()))
+        write_atomic(&self.state, format!("{} running\n", boot_id()).as_bytes())
     }
 
     /// Stop cleanly: the map is synced and marked exact for the next start,
@@ -212,7 +220,7 @@ impl DirtyMap {
     /// I/O errors.
     pub fn close_clean(&self) -> io::Result<()> {
         self.file.sync_all()?;
-        write_state(&self.state, &format!("{} clean\n", boot_id()))
+        write_atomic(&self.state, format!("{} clean\n", boot_id()).as_bytes())
     }
 
     fn chunk_range(&self, offset: u64, len: u64) -> Range<u64> {

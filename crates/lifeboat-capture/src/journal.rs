@@ -36,6 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::dirtymap::{boot_id, read_state, write_atomic};
+
 use lifeboat_format::journal::{
     decode_record, decode_segment, encode_record_header, encode_segment_header, segment_first_seq,
     RecordKind, MAX_RECORD_DATA, SEGMENT_HEADER_LEN,
@@ -154,8 +156,7 @@ impl Journal {
     pub fn open_with_memory(dir: &Path, mem_max: u64) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
         let state = dir.join("journal.state");
-        let lost_tail = fs::read_to_string(&state)
-            .is_ok_and(|s| s.split_whitespace().nth(1) == Some("running-memory"));
+        let lost_tail = read_state(&state).is_some_and(|(_, how)| how == "running-memory");
         if lost_tail || crate::dirtymap::left_open_by_another_boot(&state) {
             tracing::warn!(
                 "{}: {}: records may be lost, so it starts over under a new identity (the \
@@ -173,7 +174,7 @@ impl Journal {
                 if old.len() == 16 {
                     let mut f = old;
                     f.extend_from_slice(&read_seq(dir, "journal.cleared")?.to_le_bytes());
-                    write_atomic(dir, "journal.follows", &f)?;
+                    write_atomic(&dir.join("journal.follows"), &f)?;
                 }
             }
             for p in segments(dir)? {
@@ -232,10 +233,7 @@ impl Journal {
         } else {
             "running"
         };
-        crate::dirtymap::write_state(
-            &state,
-            &format!("{} {running}\n", crate::dirtymap::boot_id()),
-        )?;
+        write_atomic(&state, format!("{} {running}\n", boot_id()).as_bytes())?;
         let follows = match fs::read(dir.join("journal.follows")) {
             Ok(b) if b.len() == 24 => Some((
                 b[..16].try_into().expect("16 bytes"),
@@ -305,7 +303,10 @@ impl Journal {
     pub fn set_cleared(&self, acked: u64) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap();
         if acked > g.cleared {
-            write_atomic(&self.dir, "journal.cleared", acked.to_string().as_bytes())?;
+            write_atomic(
+                &self.dir.join("journal.cleared"),
+                acked.to_string().as_bytes(),
+            )?;
             g.cleared = acked;
         }
         Ok(())
@@ -318,9 +319,9 @@ impl Journal {
     /// I/O errors.
     pub fn close_clean(&self) -> io::Result<()> {
         self.sync_committed()?;
-        crate::dirtymap::write_state(
+        write_atomic(
             &self.dir.join("journal.state"),
-            &format!("{} clean\n", crate::dirtymap::boot_id()),
+            format!("{} clean\n", boot_id()).as_bytes(),
         )
     }
 
@@ -372,7 +373,7 @@ impl Journal {
         if v <= g.floor {
             return Ok(());
         }
-        write_atomic(&self.dir, "journal.floor", v.to_string().as_bytes())?;
+        write_atomic(&self.dir.join("journal.floor"), v.to_string().as_bytes())?;
         g.floor = v;
         Ok(())
     }
@@ -405,9 +406,6 @@ impl Journal {
             let r = g.mem.pop_front().expect("front");
             g.mem_bytes -= r.data.len() as u64 + RECORD_OVERHEAD;
             freed.push(r);
-        }
-        if g.mem.is_empty() {
-            g.mem_bytes = 0;
         }
         while g.times.front().is_some_and(|(s, _)| *s <= acked) {
             g.times.pop_front();
@@ -574,7 +572,6 @@ impl Journal {
             g.mem.pop_front();
             g.mem_bytes -= data.len() as u64 + RECORD_OVERHEAD;
         }
-        g.mem_bytes = 0;
         Ok(())
     }
 
@@ -739,16 +736,6 @@ fn read_seq(dir: &Path, name: &str) -> io::Result<u64> {
     }
 }
 
-/// Replace `dir/name` with `bytes`, durably (temporary name, sync, rename).
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.partial"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
-}
-
 /// The journal's identity, made on first use (16 random bytes in `journal.id`).
 fn journal_id(dir: &Path) -> io::Result<[u8; 16]> {
     let p = dir.join("journal.id");
@@ -758,12 +745,7 @@ fn journal_id(dir: &Path) -> io::Result<[u8; 16]> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| io::Error::other(e.to_string()))?;
-            let tmp = dir.join("journal.id.partial");
-            let mut f = File::create(&tmp)?;
-            f.write_all(&id)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &p)?;
-            File::open(dir)?.sync_all()?;
+            write_atomic(&p, &id)?;
             Ok(id)
         }
         Err(e) => Err(e),
@@ -847,7 +829,7 @@ impl Cursor {
                             break;
                         }
                         out.push(OwnedRecord {
-                            kind: format!("{:?}", r.kind).to_lowercase(),
+                            kind: r.kind,
                             seq: r.seq,
                             offset: r.offset,
                             len: r.len,
@@ -887,7 +869,7 @@ impl Cursor {
                 match decode_record(&self.buf[off..], self.next) {
                     Some((r, u)) => {
                         out.push(OwnedRecord {
-                            kind: format!("{:?}", r.kind).to_lowercase(),
+                            kind: r.kind,
                             seq: r.seq,
                             offset: r.offset,
                             len: r.len,
@@ -985,13 +967,12 @@ impl Cursor {
 }
 
 /// One record read back from a journal.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedRecord {
-    pub kind: String,
+    pub kind: RecordKind,
     pub seq: u64,
     pub offset: u64,
     pub len: u32,
-    #[serde(skip)]
     pub data: Arc<Vec<u8>>,
 }
 
@@ -1017,7 +998,7 @@ pub fn read_all(dir: &Path) -> io::Result<Vec<OwnedRecord>> {
         }
         for r in seg.records {
             out.push(OwnedRecord {
-                kind: format!("{:?}", r.kind).to_lowercase(),
+                kind: r.kind,
                 seq: r.seq,
                 offset: r.offset,
                 len: r.len,
@@ -1034,9 +1015,9 @@ pub fn read_all(dir: &Path) -> io::Result<Vec<OwnedRecord>> {
 /// I/O errors.
 pub fn replay(records: &[OwnedRecord], volume: &File) -> io::Result<()> {
     for r in records {
-        match r.kind.as_str() {
-            "write" => volume.write_all_at(&r.data, r.offset)?,
-            "zero" => {
+        match r.kind {
+            RecordKind::Write => volume.write_all_at(&r.data, r.offset)?,
+            RecordKind::Zero => {
                 // in bounded pieces: a record may zero up to 1 GiB
                 let zeros = vec![0u8; (r.len as usize).min(1 << 20)];
                 let mut at = 0u64;

@@ -690,26 +690,18 @@ mod tests {
 
     #[test]
     fn every_frame_roundtrips() {
-        roundtrip(Frame::Hello {
-            version: PROTO_VERSION,
-            item: "db".into(),
-            volume: "disk0".into(),
-            size: 1 << 30,
-            chunk_size: 65536,
-            journal_id: [7; 16],
-            durable: 3,
-            follows: None,
-        });
-        roundtrip(Frame::Hello {
-            version: PROTO_VERSION,
-            item: "db".into(),
-            volume: "disk0".into(),
-            size: 1 << 30,
-            chunk_size: 65536,
-            journal_id: [7; 16],
-            durable: 3,
-            follows: Some(([8; 16], 41)),
-        });
+        for follows in [None, Some(([8; 16], 41))] {
+            roundtrip(Frame::Hello {
+                version: PROTO_VERSION,
+                item: "db".into(),
+                volume: "disk0".into(),
+                size: 1 << 30,
+                chunk_size: 65536,
+                journal_id: [7; 16],
+                durable: 3,
+                follows,
+            });
+        }
         roundtrip(Frame::Welcome {
             applied_seq: 9,
             synced: true,

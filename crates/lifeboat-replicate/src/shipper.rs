@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use lifeboat_capture::dirtymap::DirtyMap;
 use lifeboat_capture::journal::{Cursor, CursorError, Journal};
+use lifeboat_format::journal::RecordKind;
 use lifeboat_format::proto::{
     encode_record_into, Frame, RecKind, VolumeState, MAX_HASHES, PROTO_VERSION, ZERO_HASH,
 };
@@ -214,12 +215,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn kind_of(s: &str) -> RecKind {
-    match s {
-        "write" => RecKind::Write,
-        "zero" => RecKind::Zero,
-        "trim" => RecKind::Trim,
-        _ => RecKind::Barrier,
+fn kind_of(k: RecordKind) -> RecKind {
+    match k {
+        RecordKind::Write => RecKind::Write,
+        RecordKind::Zero => RecKind::Zero,
+        RecordKind::Trim => RecKind::Trim,
+        RecordKind::Barrier => RecKind::Barrier,
     }
 }
 
@@ -506,7 +507,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
             }
             let mut payload = Vec::with_capacity(recs.iter().map(|r| 21 + r.data.len()).sum());
             for r in &recs {
-                encode_record_into(&mut payload, kind_of(&r.kind), r.seq, r.offset, r.len, &r.data);
+                encode_record_into(&mut payload, kind_of(r.kind), r.seq, r.offset, r.len, &r.data);
             }
             let last = recs.last().map(|r| r.seq).unwrap_or(0);
             flights.push(last, payload.len() as u64, status);
@@ -681,7 +682,7 @@ async fn run_pass<W: AsyncWrite + Unpin>(
         for r in recs.iter().filter(|r| r.seq < x) {
             encode_record_into(
                 &mut payload,
-                kind_of(&r.kind),
+                kind_of(r.kind),
                 r.seq,
                 r.offset,
                 r.len,

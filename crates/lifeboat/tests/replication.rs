@@ -524,13 +524,16 @@ fn a_machine_crash_under_the_agent_compares_only_the_dirty_chunks() {
     s.converge();
     // writes in two 4 MiB groups, then the machine "crashes": the agent dies
     // and its state files say it was left running by another boot
-    s.qemu_io(&scattered_writes(16, 7));
-    s.agent.as_mut().unwrap().kill9();
     let jdir = d.path().join("agent/journals/db/disk0");
-    for f in ["dirty.state", "journal.state"] {
-        std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
-    }
-    s.start_agent();
+    let machine_crash = |s: &mut Sites| {
+        s.agent.as_mut().unwrap().kill9();
+        for f in ["dirty.state", "journal.state"] {
+            std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
+        }
+        s.start_agent();
+    };
+    s.qemu_io(&scattered_writes(16, 7));
+    machine_crash(&mut s);
     let st = s.converge();
     // the journal started over, the replica continued from the dirty map:
     // its two groups were compared, not the volume's 1,024 chunks
@@ -549,11 +552,7 @@ fn a_machine_crash_under_the_agent_compares_only_the_dirty_chunks() {
     // a crash while idle, every group cleared: an empty pass still makes
     // the replica a crash state of the new journal
     std::thread::sleep(Duration::from_secs(7));
-    s.agent.as_mut().unwrap().kill9();
-    for f in ["dirty.state", "journal.state"] {
-        std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
-    }
-    s.start_agent();
+    machine_crash(&mut s);
     let t = std::time::Instant::now();
     let st = loop {
         let st = s.converge();

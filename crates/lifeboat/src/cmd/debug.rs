@@ -71,10 +71,11 @@ pub fn run(c: DebugCmd) -> Result<()> {
         }
         DebugCmd::Journal { dir, replay_onto } => {
             let recs = lifeboat_capture::journal::read_all(&dir)?;
-            let count = |k: &str| recs.iter().filter(|r| r.kind == k).count();
+            use lifeboat_format::journal::RecordKind;
+            let count = |k: RecordKind| recs.iter().filter(|r| r.kind == k).count();
             let bytes: u64 = recs
                 .iter()
-                .filter(|r| r.kind == "write")
+                .filter(|r| r.kind == RecordKind::Write)
                 .map(|r| r.len as u64)
                 .sum();
             let map = dir.join("dirty.map");
@@ -91,8 +92,8 @@ pub fn run(c: DebugCmd) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "records": recs.len(), "writes": count("write"), "zeroes": count("zero"),
-                    "trims": count("trim"), "barriers": count("barrier"), "write_bytes": bytes,
+                    "records": recs.len(), "writes": count(RecordKind::Write), "zeroes": count(RecordKind::Zero),
+                    "trims": count(RecordKind::Trim), "barriers": count(RecordKind::Barrier), "write_bytes": bytes,
                     "first_seq": recs.first().map(|r| r.seq), "last_seq": recs.last().map(|r| r.seq),
                     "dirty_ranges": dirty.as_ref().map(|d| d.len()),
                     "dirty_bytes": dirty.as_deref().map(lifeboat_capture::extents::total),
