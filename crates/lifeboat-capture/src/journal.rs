@@ -563,7 +563,14 @@ impl Journal {
 
     /// Write the memory tail to segments, in order.
     fn spill(&self, g: &mut Inner) -> io::Result<()> {
-        while let Some(r) = g.mem.front() {
+        self.spill_to(g, 0)
+    }
+
+    /// Write the memory tail's oldest records to segments, in order, until
+    /// it holds at most `keep` bytes.
+    fn spill_to(&self, g: &mut Inner, keep: u64) -> io::Result<()> {
+        while g.mem_bytes > keep {
+            let Some(r) = g.mem.front() else { break };
             let (kind, seq, offset, len, data) = (r.kind, r.seq, r.offset, r.len, r.data.clone());
             let used = self.write_disk(g, kind, seq, offset, len, &data)?;
             g.len += used;
@@ -658,8 +665,12 @@ impl Journal {
         let need = data.len() as u64 + RECORD_OVERHEAD;
         if g.mem_max > 0 {
             if g.mem_bytes + need > g.mem_max {
-                // the recovery site is behind: the tail goes to segments
-                self.spill(g)?;
+                // the recovery site is behind: the oldest quarter of the
+                // tail goes to segments (all of it at once held every
+                // writer for a quarter of a second per 256 MiB, and wrote
+                // out records about to be acknowledged)
+                let keep = (g.mem_max / 4 * 3).saturating_sub(need);
+                self.spill_to(g, keep)?;
             }
             apply(seq)?;
             let data = match shared {
@@ -1188,13 +1199,14 @@ mod tests {
         // acknowledged: released
         j.release(2);
         assert_eq!(j.bytes(), empty + 3 * 132);
-        // full: the tail (3..=9) goes to a segment, the next record to memory
+        // full: the oldest records of the tail (3..=5) go to a segment
+        // until it is three quarters full with the next one
         for i in 6..=9 {
             w(&j, i);
         }
         assert_eq!(seg_bytes(d.path()), empty);
         w(&j, 10);
-        assert_eq!(seg_bytes(d.path()), empty + 7 * 132);
+        assert_eq!(seg_bytes(d.path()), empty + 3 * 132);
         assert_eq!(j.bytes(), empty + 8 * 132);
         // 1 and 2 left the tail acknowledged: the new segment starts at 3
         assert_eq!((j.floor(), j.oldest()), (2, 3));

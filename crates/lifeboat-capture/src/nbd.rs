@@ -170,7 +170,9 @@ fn transmission<S: Conn>(
     let failed: Mutex<Option<io::Error>> = Mutex::new(None);
     let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(WORKERS);
     let rx = Mutex::new(rx);
-    let mut r = io::BufReader::with_capacity(256 << 10, s);
+    // small enough that little of a large write's payload is read into it
+    // (and copied out again) with the request before it
+    let mut r = io::BufReader::with_capacity(64 << 10, s);
     let run = |req: Request, payload: Vec<u8>| {
         let reply = match serve(export, &req, payload, structured, base_allocation) {
             Ok(v) => v,

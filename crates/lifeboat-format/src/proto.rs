@@ -57,7 +57,8 @@ impl RecKind {
             _ => return None,
         })
     }
-    fn has_data(self) -> bool {
+    /// Whether records of this kind carry data.
+    pub fn has_data(self) -> bool {
         matches!(self, RecKind::Write | RecKind::Chunk)
     }
 }
@@ -70,6 +71,42 @@ pub struct Rec {
     pub offset: u64,
     pub len: u32,
     pub data: Vec<u8>,
+}
+
+/// A record of a batch whose data stays in the decoded payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecRef<'a> {
+    pub kind: RecKind,
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub data: &'a [u8],
+}
+
+impl Rec {
+    /// This record, borrowed.
+    pub fn as_ref(&self) -> RecRef<'_> {
+        RecRef {
+            kind: self.kind,
+            seq: self.seq,
+            offset: self.offset,
+            len: self.len,
+            data: &self.data,
+        }
+    }
+}
+
+impl RecRef<'_> {
+    /// This record with its own copy of the data.
+    pub fn to_rec(&self) -> Rec {
+        Rec {
+            kind: self.kind,
+            seq: self.seq,
+            offset: self.offset,
+            len: self.len,
+            data: self.data.to_vec(),
+        }
+    }
 }
 
 /// Replication state of a volume as the agent reports it.
@@ -445,12 +482,19 @@ impl Frame {
         else {
             return None;
         };
-        let mut h = [0u8; 10];
-        h[..4].copy_from_slice(&(6 + payload.len() as u32).to_be_bytes());
-        h[4] = T_BATCH;
-        h[5] = *codec;
-        h[6..].copy_from_slice(&raw_len.to_le_bytes());
-        Some(h)
+        Some(batch_head(*codec, *raw_len, payload.len()))
+    }
+
+    /// For the bytes after a frame's prefix that are a batch frame: its
+    /// codec, raw length and payload, borrowed (a receiver decodes the
+    /// records without copying the payload first). Other frames: `None`.
+    pub fn batch_parts(body: &[u8]) -> Option<(u8, u32, &[u8])> {
+        match body {
+            [T_BATCH, codec, l0, l1, l2, l3, payload @ ..] => {
+                Some((*codec, u32::from_le_bytes([*l0, *l1, *l2, *l3]), payload))
+            }
+            _ => None,
+        }
     }
 
     /// Length of the frame whose 4-byte prefix is `prefix` (type + body).
@@ -628,6 +672,31 @@ pub fn encode_records(recs: &[Rec]) -> Vec<u8> {
     v
 }
 
+/// The bytes before the payload of a batch frame (prefix, type, codec, raw
+/// length) whose payload is `payload_len` bytes.
+pub fn batch_head(codec: u8, raw_len: u32, payload_len: usize) -> [u8; 10] {
+    let mut h = [0u8; 10];
+    h[..4].copy_from_slice(&(6 + payload_len as u32).to_be_bytes());
+    h[4] = T_BATCH;
+    h[5] = codec;
+    h[6..].copy_from_slice(&raw_len.to_le_bytes());
+    h
+}
+
+/// Bytes of a record's header in a batch payload.
+pub const RECORD_HEADER: usize = 21;
+
+/// The header of a record in a batch payload (its data, if its kind has
+/// any, follows it).
+pub fn record_header(kind: RecKind, seq: u64, offset: u64, len: u32) -> [u8; RECORD_HEADER] {
+    let mut h = [0u8; RECORD_HEADER];
+    h[0] = kind as u8;
+    h[1..9].copy_from_slice(&seq.to_le_bytes());
+    h[9..17].copy_from_slice(&offset.to_le_bytes());
+    h[17..].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
 /// Append one record to a payload being built.
 pub fn encode_record_into(
     v: &mut Vec<u8>,
@@ -637,10 +706,7 @@ pub fn encode_record_into(
     len: u32,
     data: &[u8],
 ) {
-    v.push(kind as u8);
-    v.extend_from_slice(&seq.to_le_bytes());
-    v.extend_from_slice(&offset.to_le_bytes());
-    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&record_header(kind, seq, offset, len));
     if kind.has_data() {
         v.extend_from_slice(&data[..len as usize]);
     }
@@ -651,6 +717,14 @@ pub fn encode_record_into(
 /// # Errors
 /// Truncated or malformed records.
 pub fn decode_records(b: &[u8]) -> Result<Vec<Rec>, FormatError> {
+    Ok(decode_records_ref(b)?.iter().map(RecRef::to_rec).collect())
+}
+
+/// [`decode_records`] without copying the records' data.
+///
+/// # Errors
+/// Truncated or malformed records.
+pub fn decode_records_ref(b: &[u8]) -> Result<Vec<RecRef<'_>>, FormatError> {
     let mut r = Reader::new("batch record", b);
     let mut out = Vec::new();
     while r.remaining() > 0 {
@@ -661,11 +735,11 @@ pub fn decode_records(b: &[u8]) -> Result<Vec<Rec>, FormatError> {
         let offset = r.u64()?;
         let len = r.u32()?;
         let data = if kind.has_data() {
-            r.bytes(len as usize)?.to_vec()
+            r.bytes(len as usize)?
         } else {
-            Vec::new()
+            &[]
         };
-        out.push(Rec {
+        out.push(RecRef {
             kind,
             seq,
             offset,

@@ -18,7 +18,8 @@ use std::io;
 
 use lifeboat_format::proto::{code, Frame, RecKind, MAX_HASHES, ZERO_HASH};
 
-use crate::framed::open_batch;
+use crate::framed::open_batch_ref;
+use lifeboat_format::proto::RecRef;
 
 /// What the receiver needs from the replica volume and the state store.
 pub trait ReplicaIo {
@@ -103,6 +104,8 @@ pub struct Receiver {
     /// Stopped at this cut marker; `pending` holds the records after it.
     parked: Option<u64>,
     pending: Vec<lifeboat_format::proto::Rec>,
+    /// Decompressed batches, reused.
+    scratch: Vec<u8>,
     last_marker: u64,
     pub stats: ReceiveStats,
 }
@@ -169,6 +172,7 @@ impl Receiver {
                 park_at: None,
                 parked: None,
                 pending: Vec::new(),
+                scratch: Vec::new(),
                 last_marker: 0,
                 stats: ReceiveStats::default(),
             },
@@ -207,7 +211,7 @@ impl Receiver {
         if recs.is_empty() {
             return Ok(vec![]);
         }
-        self.apply(recs, io)?;
+        self.apply(recs.iter().map(|r| r.as_ref()).collect(), io)?;
         Ok(vec![self.ack(io, false)?])
     }
 
@@ -235,11 +239,7 @@ impl Receiver {
         })
     }
 
-    fn apply(
-        &mut self,
-        recs: Vec<lifeboat_format::proto::Rec>,
-        io: &mut dyn ReplicaIo,
-    ) -> Result<(), ReceiveError> {
+    fn apply(&mut self, recs: Vec<RecRef<'_>>, io: &mut dyn ReplicaIo) -> Result<(), ReceiveError> {
         let mut it = recs.into_iter();
         while let Some(r) = it.next() {
             if r.kind == RecKind::Chunk {
@@ -254,7 +254,7 @@ impl Receiver {
                     )));
                 }
                 self.check_range(r.offset, r.len as u64)?;
-                io.write_at(r.offset, &r.data)?;
+                io.write_at(r.offset, r.data)?;
                 self.stats.resync_chunks_received += 1;
                 self.stats.resync_bytes_received += r.len as u64;
                 continue;
@@ -275,7 +275,7 @@ impl Receiver {
             match r.kind {
                 RecKind::Write => {
                     self.check_range(r.offset, r.len as u64)?;
-                    io.write_at(r.offset, &r.data)?;
+                    io.write_at(r.offset, r.data)?;
                     self.stats.bytes_written += r.len as u64;
                 }
                 RecKind::Zero | RecKind::Trim => {
@@ -299,11 +299,37 @@ impl Receiver {
                 && self.park_at.is_some_and(|t| r.offset >= t)
             {
                 self.parked = Some(r.offset);
-                self.pending = it.collect();
+                self.pending = it.map(|r| r.to_rec()).collect();
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// [`Receiver::on_frame`] for a batch frame's parts (see
+    /// [`Frame::batch_parts`]): its records are applied from the payload
+    /// without copying it.
+    ///
+    /// # Errors
+    /// As [`Receiver::on_frame`].
+    pub fn on_batch(
+        &mut self,
+        codec: u8,
+        raw_len: u32,
+        payload: &[u8],
+        io: &mut dyn ReplicaIo,
+    ) -> Result<Vec<Frame>, ReceiveError> {
+        if self.parked.is_some() {
+            return Err(ReceiveError::Protocol("a batch while parked".into()));
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let res = match open_batch_ref(codec, raw_len, payload, &mut scratch) {
+            Ok(recs) => self.apply(recs, io),
+            Err(e) => Err(ReceiveError::Protocol(e.to_string())),
+        };
+        self.scratch = scratch;
+        res?;
+        Ok(vec![self.ack(io, false)?])
     }
 
     /// Handle one frame from the agent; returns the frames to send back.
@@ -321,15 +347,7 @@ impl Receiver {
                 codec,
                 raw_len,
                 payload,
-            } => {
-                let recs = open_batch(codec, raw_len, &payload)
-                    .map_err(|e| ReceiveError::Protocol(e.to_string()))?;
-                if self.parked.is_some() {
-                    return Err(ReceiveError::Protocol("a batch while parked".into()));
-                }
-                self.apply(recs, io)?;
-                Ok(vec![self.ack(io, false)?])
-            }
+            } => self.on_batch(codec, raw_len, &payload, io),
             Frame::ResyncBegin { x, full } => {
                 if self.resync.is_some() {
                     return Err(ReceiveError::Protocol("resync pass already open".into()));

@@ -29,7 +29,8 @@ use lifeboat_capture::dirtymap::DirtyMap;
 use lifeboat_capture::journal::{Cursor, CursorError, Journal};
 use lifeboat_format::journal::RecordKind;
 use lifeboat_format::proto::{
-    encode_record_into, Frame, RecKind, VolumeState, MAX_HASHES, PROTO_VERSION, ZERO_HASH,
+    batch_head, Frame, RecKind, RecRef, VolumeState, MAX_HASHES, PROTO_VERSION, RECORD_HEADER,
+    ZERO_HASH,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncWrite, WriteHalf};
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::framed::{batch, read_frame};
+use crate::framed::{read_frame, BatchEncoder};
 use crate::throttle::Throttle;
 
 /// Dirty bits of chunks written within this long stay set (a hot set).
@@ -183,26 +184,62 @@ enum Event {
 }
 
 struct Writer<W> {
-    w: W,
+    /// Small pieces (frames, record headers, small writes) are gathered
+    /// here; pieces as large as it go to the stream as they are.
+    w: tokio::io::BufWriter<W>,
     throttle: Throttle,
     status: Arc<ShipStatus>,
+    enc: BatchEncoder,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
+    fn new(w: W, throttle: Throttle, status: Arc<ShipStatus>) -> Self {
+        Writer {
+            w: tokio::io::BufWriter::with_capacity(64 << 10, w),
+            throttle,
+            status,
+            enc: BatchEncoder::default(),
+        }
+    }
+
     async fn send(&mut self, f: &Frame) -> Result<()> {
         use tokio::io::AsyncWriteExt;
-        // a batch's payload goes out as it is (no copy into a frame buffer)
-        let (head, body): (Vec<u8>, &[u8]) = match (f.batch_head(), f) {
-            (Some(h), Frame::Batch { payload, .. }) => (h.to_vec(), payload),
-            _ => (f.encode(), &[]),
-        };
-        let n = (head.len() + body.len()) as u64;
+        let b = f.encode();
+        self.throttle.take(b.len() as u64).await;
+        self.status
+            .sent_bytes
+            .fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.w.write_all(&b).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+
+    /// Send a batch of `recs` (their data is not copied into a payload
+    /// first); returns its raw length.
+    async fn send_records(&mut self, recs: &[RecRef<'_>]) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let b = self.enc.encode(recs);
+        let head = batch_head(b.codec, b.raw_len, b.len());
+        let n = (head.len() + b.len()) as u64;
         self.throttle.take(n).await;
         self.status.sent_bytes.fetch_add(n, Ordering::Relaxed);
         self.w.write_all(&head).await?;
-        self.w.write_all(body).await?;
+        for p in &b.parts {
+            self.w.write_all(p).await?;
+        }
         self.w.flush().await?;
-        Ok(())
+        Ok(b.raw_len as u64)
+    }
+}
+
+/// A journal record as a batch record.
+fn rec_of(r: &lifeboat_capture::journal::OwnedRecord) -> RecRef<'_> {
+    RecRef {
+        kind: kind_of(r.kind),
+        seq: r.seq,
+        offset: r.offset,
+        len: r.len,
+        data: &r.data,
     }
 }
 
@@ -228,11 +265,8 @@ fn kind_of(k: RecordKind) -> RecKind {
 async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatus>) -> Result<()> {
     let s = connect(&opts.server, opts.tls.clone()).await?;
     let (mut rd, wr) = tokio::io::split(s);
-    let mut w: Writer<WriteHalf<TlsStream<TcpStream>>> = Writer {
-        w: wr,
-        throttle: Throttle::new(opts.bandwidth.clone()),
-        status: status.clone(),
-    };
+    let mut w: Writer<WriteHalf<TlsStream<TcpStream>>> =
+        Writer::new(wr, Throttle::new(opts.bandwidth.clone()), status.clone());
     w.send(&Frame::Hello {
         version: PROTO_VERSION,
         item: src.item.clone(),
@@ -505,13 +539,10 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                 }
                 continue;
             }
-            let mut payload = Vec::with_capacity(recs.iter().map(|r| 21 + r.data.len()).sum());
-            for r in &recs {
-                encode_record_into(&mut payload, kind_of(r.kind), r.seq, r.offset, r.len, &r.data);
-            }
             let last = recs.last().map(|r| r.seq).unwrap_or(0);
-            flights.push(last, payload.len() as u64, status);
-            w.send(&batch(payload)).await?;
+            let refs: Vec<RecRef> = recs.iter().map(rec_of).collect();
+            let raw = w.send_records(&refs).await?;
+            flights.push(last, raw, status);
         }
     }
     .await;
@@ -678,25 +709,15 @@ async fn run_pass<W: AsyncWrite + Unpin>(
             }
             Err(CursorError::Io(e)) => return Err(e.into()),
         };
-        let mut payload = Vec::new();
-        for r in recs.iter().filter(|r| r.seq < x) {
-            encode_record_into(
-                &mut payload,
-                kind_of(r.kind),
-                r.seq,
-                r.offset,
-                r.len,
-                &r.data,
-            );
-        }
+        let refs: Vec<RecRef> = recs.iter().filter(|r| r.seq < x).map(rec_of).collect();
         if recs.iter().any(|r| r.seq >= x) || recs.is_empty() {
             // read past x: start again at x after the pass
-            if !payload.is_empty() {
-                w.send(&batch(payload)).await?;
+            if !refs.is_empty() {
+                w.send_records(&refs).await?;
             }
             break;
         }
-        w.send(&batch(payload)).await?;
+        w.send_records(&refs).await?;
     }
     *cursor = Cursor::new(x);
     if full {
@@ -769,20 +790,28 @@ async fn run_pass<W: AsyncWrite + Unpin>(
             Ok(None) => bail!("the connection ended during a resync"),
             Err(_) => bail!("the server did not answer hashes within 120 s"),
         };
-        let mut payload = Vec::new();
-        let mut nbytes = 0u64;
+        let mut refs = Vec::new();
+        let (mut nbytes, mut pending) = (0u64, 0usize);
         for (c, b, _) in &read {
             if want.contains(c) {
-                encode_record_into(&mut payload, RecKind::Chunk, 0, c * cs, b.len() as u32, b);
+                refs.push(RecRef {
+                    kind: RecKind::Chunk,
+                    seq: 0,
+                    offset: c * cs,
+                    len: b.len() as u32,
+                    data: b,
+                });
                 nbytes += b.len() as u64;
+                pending += RECORD_HEADER + b.len();
                 status.resync_chunks_sent.fetch_add(1, Ordering::Relaxed);
-                if payload.len() >= opts.batch_max {
-                    w.send(&batch(std::mem::take(&mut payload))).await?;
+                if pending >= opts.batch_max {
+                    w.send_records(&std::mem::take(&mut refs)).await?;
+                    pending = 0;
                 }
             }
         }
-        if !payload.is_empty() {
-            w.send(&batch(payload)).await?;
+        if !refs.is_empty() {
+            w.send_records(&refs).await?;
         }
         status.resync_bytes.fetch_add(nbytes, Ordering::Relaxed);
         let read_bytes: u64 = read.iter().map(|(_, b, _)| b.len() as u64).sum();

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use lifeboat_format::proto::{code, Frame, PROTO_VERSION};
-use lifeboat_replicate::framed::{read_frame, write_frame};
+use lifeboat_replicate::framed::{read_frame_body, write_frame};
 use lifeboat_replicate::receiver::{frame_name, Receiver};
 use lifeboat_replicate::tls::{fingerprint, Token};
 use tokio::net::TcpStream;
@@ -379,34 +379,49 @@ where
     );
     let key = (item.to_string(), volume.to_string());
     let mut last_revoke_check = Instant::now();
+    // one buffer for every frame of the stream (batches are applied from it)
+    let mut buf = Vec::new();
     loop {
         // read the next frame; requests for the agent (app-consistent cuts)
         // go out meanwhile (the read is never dropped half-way)
-        let read = read_frame(rd);
-        tokio::pin!(read);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let got = loop {
-            tokio::select! {
-                r = &mut read => break r,
-                Some(c) = ctl.recv() => write_frame(wr, &c).await?,
-                _ = tokio::time::sleep_until(deadline) => {
-                    bail!("{item}/{volume}: the agent has been silent for 60 s")
+        let got = {
+            let read = read_frame_body(rd, &mut buf);
+            tokio::pin!(read);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r,
+                    Some(c) = ctl.recv() => write_frame(wr, &c).await?,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        bail!("{item}/{volume}: the agent has been silent for 60 s")
+                    }
                 }
             }
         };
-        let f = match got {
+        let body = match got {
+            Ok(Some(n)) => &buf[..n],
+            Ok(None) => return Ok(()),
             Err(e) => {
                 let _ = write_frame(wr, &err(code::PROTOCOL, format!("{e:#}"))).await;
                 bail!("{item}/{volume}: {e:#}");
             }
-            Ok(None) => return Ok(()),
-            Ok(Some(f)) => f,
         };
-        if let Frame::Quiesced {
+        // a batch is applied from the buffer; other frames are decoded
+        let (f, batch) = match Frame::batch_parts(body) {
+            Some(parts) => (None, Some(parts)),
+            None => match Frame::decode(body) {
+                Ok(f) => (Some(f), None),
+                Err(e) => {
+                    let _ = write_frame(wr, &err(code::PROTOCOL, format!("{e:#}"))).await;
+                    bail!("{item}/{volume}: {e:#}");
+                }
+            },
+        };
+        if let Some(Frame::Quiesced {
             cut_id,
             ok,
             message,
-        } = &f
+        }) = &f
         {
             let mut vols = st.volumes.lock().unwrap();
             if let Some(v) = vols.get_mut(&key) {
@@ -425,7 +440,7 @@ where
                 bail!("{item}/{volume}: agent {agent_id} was revoked; stream closed");
             }
         }
-        if let Frame::Status(h) = &f {
+        if let Some(Frame::Status(h)) = &f {
             let mut vols = st.volumes.lock().unwrap();
             if let Some(v) = vols.get_mut(&key) {
                 v.report = Some(h.clone());
@@ -444,7 +459,13 @@ where
                 item,
                 volume,
             };
-            let out = rx.on_frame(f, &mut io);
+            let out = match (batch, f) {
+                (Some((codec, raw_len, payload)), _) => {
+                    rx.on_batch(codec, raw_len, payload, &mut io)
+                }
+                (None, Some(f)) => rx.on_frame(f, &mut io),
+                (None, None) => Ok(vec![]),
+            };
             r.parked_at = rx.parked();
             r.last_marker = rx.last_marker();
             out
