@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use lifeboat_format::nbd::*;
 
@@ -252,17 +253,25 @@ pub trait Conn: Read + Write + Send + Sized {
     /// # Errors
     /// As `try_clone`.
     fn dup(&self) -> io::Result<Self>;
+    /// Shut both directions (a thread blocked reading it returns).
+    fn shut(&self);
 }
 
 impl Conn for std::os::unix::net::UnixStream {
     fn dup(&self) -> io::Result<Self> {
         self.try_clone()
     }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Conn for std::net::TcpStream {
     fn dup(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -440,18 +449,44 @@ fn block_status(f: &File, offset: u64, len: u64, one: bool) -> io::Result<Vec<(u
     Ok(out)
 }
 
-/// Accept connections until `shutdown` is set, one thread per client.
+/// Accept connections until `shutdown` is set, one thread per client;
+/// then shut the clients' connections and wait (up to `STOP_WAIT`) for
+/// their threads, so no request is still being served when this returns.
 pub fn serve_listener<L, S>(accept: L, export: Arc<Export>, shutdown: Arc<AtomicBool>)
 where
     L: Fn() -> io::Result<S>,
     S: Conn + 'static,
 {
+    type Live<S> = Arc<(Mutex<std::collections::HashMap<u64, S>>, std::sync::Condvar)>;
+    let live: Live<S> = Arc::default();
+    let mut next_id = 0u64;
     while !shutdown.load(Ordering::Relaxed) {
         match accept() {
             Ok(stream) => {
                 let export = export.clone();
                 let shutdown = shutdown.clone();
+                let id = next_id;
+                next_id += 1;
+                match stream.dup() {
+                    Ok(ctl) => {
+                        live.0.lock().unwrap().insert(id, ctl);
+                    }
+                    Err(e) => {
+                        tracing::warn!("nbd client refused: {e}");
+                        continue;
+                    }
+                }
+                let live = live.clone();
                 std::thread::spawn(move || {
+                    // gone from the live set however this thread ends
+                    struct Gone<S>(Live<S>, u64);
+                    impl<S> Drop for Gone<S> {
+                        fn drop(&mut self) {
+                            self.0 .0.lock().unwrap().remove(&self.1);
+                            self.0 .1.notify_all();
+                        }
+                    }
+                    let _gone = Gone(live, id);
                     match handle(stream, &export, &shutdown) {
                         Ok(()) => {}
                         // a probe or a client that went away
@@ -472,4 +507,23 @@ where
             Err(e) => tracing::warn!("nbd accept failed: {e}"),
         }
     }
+    let (set, cv) = &*live;
+    let mut g = set.lock().unwrap();
+    for c in g.values() {
+        c.shut();
+    }
+    let t = std::time::Instant::now();
+    while !g.is_empty() && t.elapsed() < STOP_WAIT {
+        g = cv.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
+    }
+    if !g.is_empty() {
+        tracing::warn!(
+            "{} NBD connection(s) still busy {} s after the stop",
+            g.len(),
+            STOP_WAIT.as_secs()
+        );
+    }
 }
+
+/// How long a stopping export waits for its NBD connections' threads.
+const STOP_WAIT: Duration = Duration::from_secs(10);

@@ -308,6 +308,8 @@ struct Running {
     status: Arc<ShipStatus>,
     stop: watch::Sender<bool>,
     nbd_stop: Arc<AtomicBool>,
+    /// The NBD listeners' threads (they end once their clients' have).
+    nbd_threads: Vec<std::thread::JoinHandle<()>>,
     task: tokio::task::JoinHandle<()>,
     fuse: Option<lifeboat_capture::fuse::Mounted>,
     journal: Arc<Journal>,
@@ -346,6 +348,7 @@ fn start_volume(
         Some(dirty.clone()),
     ));
     let nbd_stop = Arc::new(AtomicBool::new(false));
+    let mut nbd_threads = Vec::new();
     if let Some(sock) = &v.nbd_socket {
         let _ = std::fs::remove_file(sock);
         if let Some(d) = sock.parent() {
@@ -354,7 +357,9 @@ fn start_volume(
         let l = std::os::unix::net::UnixListener::bind(sock)
             .with_context(|| format!("cannot listen on {}", sock.display()))?;
         let (e, s) = (export.clone(), nbd_stop.clone());
-        std::thread::spawn(move || serve_listener(move || l.accept().map(|(s, _)| s), e, s));
+        nbd_threads.push(std::thread::spawn(move || {
+            serve_listener(move || l.accept().map(|(s, _)| s), e, s)
+        }));
         tracing::info!(
             "{item}/{}: NBD export at nbd+unix:///{}?socket={}",
             v.name,
@@ -372,7 +377,7 @@ fn start_volume(
             l.local_addr()?,
             v.name
         );
-        std::thread::spawn(move || {
+        nbd_threads.push(std::thread::spawn(move || {
             serve_listener(
                 move || {
                     l.accept().map(|(s, _)| {
@@ -383,7 +388,7 @@ fn start_volume(
                 e,
                 s,
             )
-        });
+        }));
     }
     let fuse = match &v.fuse_mount {
         Some(dir) => {
@@ -429,6 +434,7 @@ fn start_volume(
         status,
         stop,
         nbd_stop,
+        nbd_threads,
         task,
         fuse,
         journal,
@@ -447,6 +453,17 @@ fn stop_volume(r: Running) {
     }
     if let Some(a) = &r.cfg.nbd_listen {
         let _ = std::net::TcpStream::connect(a);
+    }
+    // every client disconnected and its requests done (the listener waits
+    // up to 10 s for them; this up to 15 s for the listener)
+    let t = std::time::Instant::now();
+    while r.nbd_threads.iter().any(|h| !h.is_finished())
+        && t.elapsed() < std::time::Duration::from_secs(15)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if r.nbd_threads.iter().any(|h| !h.is_finished()) {
+        tracing::warn!("{}: the NBD export did not stop within 15 s", r.cfg.name);
     }
     r.task.abort();
     drop(r.fuse);

@@ -501,6 +501,32 @@ fn pause_holds_replication_and_resume_ships_what_was_written() {
 }
 
 #[test]
+fn unprotect_disconnects_the_volumes_nbd_clients() {
+    use std::io::Read;
+    let Some((d, s)) = Sites::ready("8GiB") else {
+        return;
+    };
+    // a client connected to the export, in the middle of its handshake
+    let mut c = std::os::unix::net::UnixStream::connect(&s.sock).unwrap();
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    ok(lb(d.path(), &["unprotect", "db", "--config", "agent.toml"]));
+    // the agent stops the volume: it shuts the client's connection (and
+    // waits for its thread) rather than leaving it open on a closed export
+    let mut b = [0u8; 1];
+    match c.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection stayed open: {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+    assert!(!s.sock.exists(), "the socket is removed");
+}
+
+#[test]
 fn a_clean_restart_of_the_agent_compares_nothing() {
     let Some((_d, mut s)) = Sites::ready("8GiB") else {
         return;
