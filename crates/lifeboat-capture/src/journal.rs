@@ -46,6 +46,65 @@ use lifeboat_format::journal::{
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_MAX: u64 = 64 << 20;
 
+/// Memory shared by the memory tails of several journals (an agent's
+/// volumes): a volume far behind may use all of it while the others are
+/// caught up. A soft limit (journals check it, then add).
+#[derive(Debug)]
+pub struct MemoryBudget {
+    max: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryBudget {
+    /// A budget of `max` bytes (0: no memory tails).
+    pub fn new(max: u64) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            max,
+            used: 0.into(),
+        })
+    }
+
+    /// Bytes the tails hold now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The budget.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+}
+
+impl Inner {
+    fn mem_mode(&self) -> bool {
+        self.budget.max > 0
+    }
+
+    fn mem_add(&mut self, n: u64) {
+        self.mem_bytes += n;
+        self.budget
+            .used
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn mem_sub(&mut self, n: u64) {
+        self.mem_bytes -= n;
+        self.budget
+            .used
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // a tail not written out (no clean stop) leaves the budget
+        if let Ok(mut g) = self.inner.lock() {
+            let n = g.mem_bytes;
+            g.mem_sub(n);
+        }
+    }
+}
+
 pub struct Journal {
     dir: PathBuf,
     id: [u8; 16],
@@ -82,8 +141,9 @@ struct Inner {
     mem: VecDeque<MemRecord>,
     /// Bytes the memory tail holds (records as a segment would).
     mem_bytes: u64,
-    /// Capacity of the memory tail; 0: every record goes to a segment.
-    mem_max: u64,
+    /// The memory the tails of all the journals sharing it may hold; a
+    /// budget of 0: every record goes to a segment.
+    budget: Arc<MemoryBudget>,
     /// First sequence of the segment being written, and the one its next
     /// record must have (records released from the memory tail without
     /// reaching a segment leave a gap: a new segment starts after it).
@@ -154,6 +214,15 @@ impl Journal {
     /// # Errors
     /// As [`Journal::open`].
     pub fn open_with_memory(dir: &Path, mem_max: u64) -> io::Result<Journal> {
+        Self::open_with_budget(dir, MemoryBudget::new(mem_max))
+    }
+
+    /// [`Journal::open_with_memory`] with a memory tail that shares
+    /// `budget` with other journals.
+    ///
+    /// # Errors
+    /// As [`Journal::open`].
+    pub fn open_with_budget(dir: &Path, budget: Arc<MemoryBudget>) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
         let state = dir.join("journal.state");
         let lost_tail = read_state(&state).is_some_and(|(_, how)| how == "running-memory");
@@ -228,7 +297,7 @@ impl Journal {
                 oldest = segment_first_seq(&h).map_err(|e| bad(p, e))?;
             }
         }
-        let running = if mem_max > 0 {
+        let running = if budget.max > 0 {
             "running-memory"
         } else {
             "running"
@@ -258,7 +327,7 @@ impl Journal {
                 cleared: read_seq(dir, "journal.cleared")?,
                 mem: VecDeque::new(),
                 mem_bytes: 0,
-                mem_max,
+                budget,
                 seg_first,
                 seg_next: next_seq,
             }),
@@ -404,7 +473,7 @@ impl Journal {
         let mut g = self.inner.lock().unwrap();
         while g.mem.front().is_some_and(|r| r.seq <= acked) {
             let r = g.mem.pop_front().expect("front");
-            g.mem_bytes -= r.data.len() as u64 + RECORD_OVERHEAD;
+            g.mem_sub(r.data.len() as u64 + RECORD_OVERHEAD);
             freed.push(r);
         }
         while g.times.front().is_some_and(|(s, _)| *s <= acked) {
@@ -466,7 +535,8 @@ impl Journal {
         under_lock(g.next_seq)?;
         self.set_floor(&mut g, acked)?;
         g.mem.clear();
-        g.mem_bytes = 0;
+        let n = g.mem_bytes;
+        g.mem_sub(n);
         let next = g.next_seq;
         // the new segment first, so a crash never leaves no segment (and
         // sequence numbers never restart)
@@ -554,7 +624,7 @@ impl Journal {
         let seq = self.append(&mut g, kind, offset, len, data, shared, apply)?;
         // a barrier makes the segments durable; the memory tail never is
         // (the dirty map, synced before each acknowledgement, covers it)
-        if kind == RecordKind::Barrier && g.mem_max == 0 {
+        if kind == RecordKind::Barrier && !g.mem_mode() {
             g.file.sync_data()?;
             g.synced = seq;
         }
@@ -577,7 +647,7 @@ impl Journal {
             g.bytes += used;
             g.seg_next = seq + 1;
             g.mem.pop_front();
-            g.mem_bytes -= data.len() as u64 + RECORD_OVERHEAD;
+            g.mem_sub(data.len() as u64 + RECORD_OVERHEAD);
         }
         Ok(())
     }
@@ -663,15 +733,19 @@ impl Journal {
     ) -> io::Result<u64> {
         let seq = g.next_seq;
         let need = data.len() as u64 + RECORD_OVERHEAD;
-        if g.mem_max > 0 {
-            if g.mem_bytes + need > g.mem_max {
-                // the recovery site is behind: the oldest quarter of the
-                // tail goes to segments (all of it at once held every
-                // writer for a quarter of a second per 256 MiB, and wrote
-                // out records about to be acknowledged)
-                let keep = (g.mem_max / 4 * 3).saturating_sub(need);
-                self.spill_to(g, keep)?;
-            }
+        let max = g.budget.max;
+        if max > 0 && g.budget.used() + need > max {
+            // the recovery site is behind: this tail's oldest records go
+            // to segments until a quarter of the budget is free (all of
+            // it at once held every writer for a quarter of a second per
+            // 256 MiB, and wrote out records about to be acknowledged)
+            let over = (g.budget.used() + need).saturating_sub(max / 4 * 3);
+            let keep = g.mem_bytes.saturating_sub(over);
+            self.spill_to(g, keep)?;
+        }
+        // the other journals' tails may fill the budget: then this record
+        // goes to a segment (after the others, as this tail is empty)
+        if max > 0 && (!g.mem.is_empty() || g.budget.used() + need <= max) {
             apply(seq)?;
             let data = match shared {
                 Some(d) => d.clone(),
@@ -684,7 +758,7 @@ impl Journal {
                 len,
                 data,
             });
-            g.mem_bytes += need;
+            g.mem_add(need);
         } else {
             let used = self.write_disk(g, kind, seq, offset, len, data)?;
             apply(seq)?;
@@ -1161,6 +1235,55 @@ mod tests {
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.follows(), Some((id2, 1)));
         assert_eq!(j.committed(), 0);
+    }
+
+    #[test]
+    fn journals_sharing_a_memory_budget_spill_their_own_records_only() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let budget = MemoryBudget::new(1000);
+        let a = Journal::open_with_budget(da.path(), budget.clone()).unwrap();
+        let b = Journal::open_with_budget(db.path(), budget.clone()).unwrap();
+        let seg_bytes = |d: &Path| -> u64 {
+            segments(d)
+                .unwrap()
+                .iter()
+                .map(|p| fs::metadata(p).unwrap().len())
+                .sum()
+        };
+        let (ea, eb) = (seg_bytes(da.path()), seg_bytes(db.path()));
+        let w = |j: &Journal, i: u64| {
+            j.record_shared(RecordKind::Write, i, Arc::new(vec![i as u8; 100]), |_| {
+                Ok(())
+            })
+            .unwrap()
+        };
+        for i in 1..=7 {
+            w(&a, i);
+        }
+        assert_eq!(budget.used(), 7 * 132);
+        // a's tail holds the budget: b's record goes to its segment, and
+        // none of a's records moves
+        w(&b, 1);
+        assert_eq!(seg_bytes(db.path()), eb + 132);
+        assert_eq!((seg_bytes(da.path()), budget.used()), (ea, 7 * 132));
+        // a is acknowledged: b's next records stay in memory
+        a.release(7);
+        assert_eq!(budget.used(), 0);
+        w(&b, 2);
+        assert_eq!((seg_bytes(db.path()), budget.used()), (eb + 132, 132));
+        // b's records read back in order from its segment and its tail
+        let got = Cursor::new(1).read(&b, 1 << 20).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+        // a full budget held by the writing journal itself: it spills its
+        // own oldest records
+        for i in 3..=9 {
+            w(&b, i);
+        }
+        assert!(seg_bytes(db.path()) > eb + 132);
+        assert!(budget.used() <= 1000, "{}", budget.used());
+        // a journal dropped without a clean stop gives its share back
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

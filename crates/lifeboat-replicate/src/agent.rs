@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use lifeboat_capture::dirtymap::DirtyMap;
 use lifeboat_capture::extents::volume_size;
-use lifeboat_capture::journal::Journal;
+use lifeboat_capture::journal::{Journal, MemoryBudget};
 use lifeboat_capture::nbd::{serve_listener, Export};
 use lifeboat_format::proto::{Frame, PROTO_VERSION};
 // (Frame is also used for app-consistent cut answers)
@@ -34,7 +34,7 @@ pub const CHUNK_SIZE: u32 = 64 << 10;
 
 pub mod defaults {
     pub const JOURNAL_MAX: &str = "8GiB";
-    pub const JOURNAL_MEMORY: &str = "256MiB";
+    pub const JOURNAL_MEMORY: &str = "1GiB";
     pub const STATE_DIR: &str = "/var/lib/lifeboat/agent";
 }
 
@@ -54,10 +54,12 @@ pub struct AgentConfig {
     pub bandwidth_windows: Vec<crate::throttle::Window>,
     /// Outage buffer per volume; beyond it the dirty map takes over.
     pub journal_max: String,
-    /// The newest records of each volume's journal are kept in memory, up
-    /// to this much, and written to disk only when replication falls behind
-    /// (or at a clean stop); "0" writes every record to disk. A crash of the
-    /// agent loses the memory part: the dirty map then bounds the resync.
+    /// The newest records of the volumes' journals are kept in memory, up
+    /// to this much for all of them together (a volume far behind may use
+    /// all of it), and written to disk only when replication falls behind
+    /// further (or at a clean stop); "0" writes every record to disk. A
+    /// crash of the agent loses the memory part: the dirty map then bounds
+    /// the resync. Read at the agent's start.
     pub journal_memory: String,
     #[serde(rename = "item")]
     pub items: Vec<ItemConfig>,
@@ -322,6 +324,7 @@ fn start_volume(
     item: &str,
     v: &VolumeConfig,
     opts: &ShipOptions,
+    budget: &Arc<MemoryBudget>,
 ) -> Result<Running> {
     let scan = v.mode == "scan";
     let file = std::fs::OpenOptions::new()
@@ -332,7 +335,7 @@ fn start_volume(
     let size = volume_size(&file)?;
     let jdir = cfg.state_dir.join("journals").join(item).join(&v.name);
     let journal = Arc::new(
-        Journal::open_with_memory(&jdir, parse_size(&cfg.journal_memory)?)
+        Journal::open_with_budget(&jdir, budget.clone())
             .with_context(|| format!("journal in {}", jdir.display()))?,
     );
     let dirty = Arc::new(
@@ -573,6 +576,8 @@ pub async fn run(path: PathBuf, shutdown: impl std::future::Future<Output = ()>)
         })
     };
     let mut running: HashMap<(String, String), Running> = HashMap::new();
+    // the journals' memory tails share one budget
+    let budget = MemoryBudget::new(parse_size(&cfg.journal_memory)?);
     // the shipping options of volumes started from now on (rebuilt on reload)
     let mut o = opts(&cfg)?;
     let mut mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
@@ -605,7 +610,7 @@ pub async fn run(path: PathBuf, shutdown: impl std::future::Future<Output = ()>)
             if running.contains_key(k) {
                 continue;
             }
-            match start_volume(&cfg, &k.0, v, &o) {
+            match start_volume(&cfg, &k.0, v, &o, &budget) {
                 Ok(r) => {
                     running.insert(k.clone(), r);
                 }
@@ -682,6 +687,12 @@ pub async fn run(path: PathBuf, shutdown: impl std::future::Future<Output = ()>)
             match AgentConfig::load(&path) {
                 Ok(c) => {
                     tracing::info!("{}: config changed, reloading", path.display());
+                    if c.journal_memory != cfg.journal_memory {
+                        tracing::warn!(
+                            "journal_memory changed to {}: it takes effect when the agent restarts",
+                            c.journal_memory
+                        );
+                    }
                     match opts(&c) {
                         Ok(x) => {
                             o = x;
