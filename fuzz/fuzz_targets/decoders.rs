@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = lock::LockRecord::decode(data);
     let _ = lock::Condemned::decode(data);
     let _ = journal::decode_segment(data);
+    if let Some(h) = data.get(..journal::RECORD_HEADER_LEN) {
+        let _ = journal::record_span(h.try_into().unwrap(), 1);
+    }
     let _ = dirtymap::DirtyMapHeader::decode(data);
     let _ = nbd::parse_go(data);
     let _ = nbd::parse_meta_context(data);

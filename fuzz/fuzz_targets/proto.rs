@@ -13,4 +13,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(proto::Frame::decode(&e[4..]).unwrap(), f);
     }
     let _ = proto::decode_records(data);
+    // the borrowed decoding a server applies batches with says the same
+    if let (Ok(owned), Ok(refs)) = (
+        proto::decode_records(data),
+        proto::decode_records_ref(data),
+    ) {
+        assert_eq!(owned, refs.iter().map(|r| r.to_rec()).collect::<Vec<_>>());
+    }
+    if let Some((_, _, payload)) = proto::Frame::batch_parts(data) {
+        let _ = proto::decode_records_ref(payload);
+    }
 });

@@ -39,8 +39,8 @@ use std::time::Instant;
 use crate::dirtymap::{boot_id, read_state, write_atomic};
 
 use lifeboat_format::journal::{
-    decode_record, decode_segment, encode_record_header, encode_segment_header, segment_first_seq,
-    RecordKind, MAX_RECORD_DATA, SEGMENT_HEADER_LEN,
+    decode_record, decode_segment, encode_record_header, encode_segment_header, record_span,
+    segment_first_seq, RecordKind, MAX_RECORD_DATA, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 
 /// A segment is closed and a new one started past this size.
@@ -399,8 +399,8 @@ impl Journal {
         self.inner.lock().unwrap().next_seq - 1
     }
 
-    /// The last sequence number durable in the journal: only records up to
-    /// it are shipped (a power loss may cut what is not).
+    /// The last sequence number synced to the segments.
+    #[cfg(test)]
     pub fn durable(&self) -> u64 {
         self.inner.lock().unwrap().synced
     }
@@ -761,7 +761,12 @@ impl Journal {
             g.mem_add(need);
         } else {
             let used = self.write_disk(g, kind, seq, offset, len, data)?;
-            apply(seq)?;
+            if let Err(e) = apply(seq) {
+                // the record of a write that did not happen must not be
+                // found by the next open (it would be shipped): cut it off
+                let _ = g.file.set_len(g.len).and_then(|_| g.file.sync_data());
+                return Err(e);
+            }
             g.len += used;
             g.bytes += used;
             g.seg_next = seq + 1;
@@ -1028,14 +1033,19 @@ impl Cursor {
             });
         };
         let file = File::open(&p)?;
-        // skip the records before `next`
-        let bytes = fs::read(&p)?;
-        let mut pos = SEGMENT_HEADER_LEN;
+        // skip the records before `next`, reading their headers only (their
+        // data is not needed, and the one at `next` is checked when read)
+        let mut pos = SEGMENT_HEADER_LEN as u64;
         let mut seq = first;
+        let mut h = [0u8; RECORD_HEADER_LEN];
         while seq < self.next {
-            match decode_record(&bytes[pos..], seq) {
-                Some((_, u)) => {
-                    pos += u;
+            let span = file
+                .read_exact_at(&mut h, pos)
+                .ok()
+                .and_then(|_| record_span(&h, seq));
+            match span {
+                Some(u) => {
+                    pos += u as u64;
                     seq += 1;
                 }
                 None => {
@@ -1046,7 +1056,7 @@ impl Cursor {
                 }
             }
         }
-        self.at = Some((p, file, pos as u64));
+        self.at = Some((p, file, pos));
         Ok(())
     }
 }
@@ -1154,7 +1164,12 @@ mod tests {
             Err(io::Error::from_raw_os_error(28))
         });
         assert!(e.is_err());
-        // the failed write's record is overwritten by the next one
+        // a restart right after it finds no record of it
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.committed(), 0);
+        assert!(read_all(d.path()).unwrap().is_empty());
+        // the next record takes its place
         j.record(RecordKind::Write, 0, 1, b"b", |_| Ok(())).unwrap();
         let all = read_all(d.path()).unwrap();
         assert_eq!(all.len(), 1);
@@ -1175,6 +1190,15 @@ mod tests {
         assert_eq!(
             r.iter().map(|r| r.seq).collect::<Vec<_>>(),
             vec![1, 2, 3, 4, 5]
+        );
+        // a cursor that starts inside a segment skips the records before
+        // it (by their headers) and reads the rest with their data
+        let r = Cursor::new(4).read(&j, 1 << 20).unwrap();
+        assert_eq!(
+            r.iter()
+                .map(|r| (r.seq, r.data.as_slice().to_vec()))
+                .collect::<Vec<_>>(),
+            vec![(4, vec![3u8]), (5, vec![4u8])]
         );
         // a barrier is durable at once
         j.barrier(|| Ok(())).unwrap();

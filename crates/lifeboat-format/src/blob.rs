@@ -156,6 +156,52 @@ pub fn parse_inner(plain: &[u8]) -> Result<(Compression, u32, &[u8]), FormatErro
     Ok((c, raw_len, payload))
 }
 
+/// A cheap guess that zstd would not shrink the concatenation of `parts`:
+/// every one of up to `samples` samples of 4 KiB spread over it has a byte
+/// entropy above 7.9 bits (random, compressed or encrypted data). Data
+/// under 16 KiB, and data with any sample below that, is worth trying.
+pub fn looks_incompressible(parts: &[&[u8]], samples: usize) -> bool {
+    const SAMPLE: usize = 4096;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    if total < 4 * SAMPLE {
+        return false;
+    }
+    let n = (total / SAMPLE).min(samples.max(1));
+    let step = total / n;
+    let mut sample = [0u8; SAMPLE];
+    (0..n).all(|i| {
+        // the SAMPLE bytes at i * step of the concatenation
+        let (mut at, mut got) = (i * step, 0);
+        for p in parts {
+            if got == SAMPLE {
+                break;
+            }
+            if at >= p.len() {
+                at -= p.len();
+                continue;
+            }
+            let k = (p.len() - at).min(SAMPLE - got);
+            sample[got..got + k].copy_from_slice(&p[at..at + k]);
+            got += k;
+            at = 0;
+        }
+        let mut hist = [0u32; 256];
+        for &b in &sample[..got] {
+            hist[b as usize] += 1;
+        }
+        let entropy: f64 = hist
+            .iter()
+            .filter(|c| **c > 0)
+            .map(|&c| {
+                let p = c as f64 / SAMPLE as f64;
+                -p * p.log2()
+            })
+            .sum();
+        // 4 KiB of uniform random bytes measures ~7.95 bits (sampling bias)
+        entropy > 7.9
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

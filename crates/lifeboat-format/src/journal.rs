@@ -139,6 +139,20 @@ pub fn decode_record(bytes: &[u8], expect: u64) -> Option<(Record<'_>, usize)> {
     ))
 }
 
+/// The bytes the record whose header is `h` takes (header and data), if
+/// the header is plausible for sequence `expect` (its data is not checked:
+/// for skipping records without reading them).
+pub fn record_span(h: &[u8; RECORD_HEADER_LEN], expect: u64) -> Option<usize> {
+    let kind = RecordKind::from_u8(h[0])?;
+    let len = u32::from_le_bytes(h[4..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    let dlen = if kind == RecordKind::Write { len } else { 0 };
+    if dlen > MAX_RECORD_DATA || seq != expect {
+        return None;
+    }
+    Some(RECORD_HEADER_LEN + dlen as usize)
+}
+
 /// The first sequence number of a segment, from its header.
 ///
 /// # Errors

@@ -83,54 +83,14 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     Ok(())
 }
 
-/// A cheap guess that zstd would not shrink a batch: every one of up to 8
-/// samples of 4 KiB spread over it has a byte entropy above 7.9 bits
-/// (random, compressed or encrypted data). Mixed batches are compressed.
+/// A cheap guess that zstd would not shrink a batch (see
+/// [`lifeboat_format::blob::looks_incompressible`]; up to 8 samples).
 fn looks_incompressible(data: &[u8]) -> bool {
     looks_incompressible_parts(&[data])
 }
 
-/// [`looks_incompressible`] of the concatenation of `parts`.
 fn looks_incompressible_parts(parts: &[&[u8]]) -> bool {
-    const SAMPLE: usize = 4096;
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    if total < 4 * SAMPLE {
-        return false;
-    }
-    let n = (total / SAMPLE).min(8);
-    let step = total / n;
-    let mut sample = [0u8; SAMPLE];
-    (0..n).all(|i| {
-        // the SAMPLE bytes at i * step of the concatenation
-        let (mut at, mut got) = (i * step, 0);
-        for p in parts {
-            if got == SAMPLE {
-                break;
-            }
-            if at >= p.len() {
-                at -= p.len();
-                continue;
-            }
-            let k = (p.len() - at).min(SAMPLE - got);
-            sample[got..got + k].copy_from_slice(&p[at..at + k]);
-            got += k;
-            at = 0;
-        }
-        let mut hist = [0u32; 256];
-        for &b in &sample[..got] {
-            hist[b as usize] += 1;
-        }
-        let entropy: f64 = hist
-            .iter()
-            .filter(|c| **c > 0)
-            .map(|&c| {
-                let p = c as f64 / SAMPLE as f64;
-                -p * p.log2()
-            })
-            .sum();
-        // 4 KiB of uniform random bytes measures ~7.95 bits (sampling bias)
-        entropy > 7.9
-    })
+    lifeboat_format::blob::looks_incompressible(parts, 8)
 }
 
 /// A batch frame of an encoded payload, compressed when that pays.

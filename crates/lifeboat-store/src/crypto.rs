@@ -177,26 +177,8 @@ impl Keys {
 /// encrypted data). Skipping zstd there saves most of its cost on such data;
 /// the guess errs towards compressing.
 pub fn looks_incompressible(data: &[u8]) -> bool {
-    const SAMPLE: usize = 4096;
-    if data.len() < 4 * SAMPLE {
-        return false;
-    }
-    let mid = data.len() / 2;
-    let mut hist = [0u32; 256];
-    for &b in data[..SAMPLE].iter().chain(&data[mid..mid + SAMPLE]) {
-        hist[b as usize] += 1;
-    }
-    let n = (2 * SAMPLE) as f64;
-    let entropy: f64 = hist
-        .iter()
-        .filter(|c| **c > 0)
-        .map(|&c| {
-            let p = c as f64 / n;
-            -p * p.log2()
-        })
-        .sum();
-    // 8 KiB of uniform random bytes measures ~7.97 bits (sampling bias).
-    entropy > 7.9
+    // two samples: a chunk's start and middle
+    lifeboat_format::blob::looks_incompressible(&[data], 2)
 }
 
 /// Wrap `master` with `wrapping` key: hex(nonce | ciphertext | tag).
