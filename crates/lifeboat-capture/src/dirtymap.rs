@@ -22,6 +22,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use lifeboat_format::dirtymap::{DirtyMapHeader, HEADER_LEN};
@@ -37,6 +38,12 @@ pub struct DirtyMap {
     /// `<map>.state`: the boot id of the running agent and whether it
     /// stopped cleanly.
     state: std::path::PathBuf,
+    /// Writes of bits to the file so far (a generation number); the last
+    /// one of them an fdatasync covered. The sync runs outside the bits'
+    /// lock: writes into groups already marked do not wait for it, and
+    /// marks made meanwhile share the next one.
+    written: AtomicU64,
+    synced: Mutex<u64>,
 }
 
 /// Byte ranges (merged) of the chunks whose bits are set.
@@ -110,6 +117,13 @@ struct Track {
     /// Writes marked but not yet journaled (`mark` .. `note`), per chunk:
     /// a chunk with one in flight is never cleared.
     inflight: Vec<u32>,
+    /// Per mark group: the map write that set its bits (durable once the
+    /// synced generation reaches it; 0: read from the file).
+    gen: Vec<u64>,
+    /// Per mark group: the count of marks when it was last written to
+    /// (0: not since the map was opened), for the hot set.
+    touch: Vec<u64>,
+    marks: u64,
 }
 
 impl Track {
@@ -123,6 +137,9 @@ impl Track {
             needs,
             volume_synced: 0,
             inflight: vec![0; chunks as usize],
+            gen: vec![0; chunks.div_ceil(MARK_GROUP) as usize],
+            touch: vec![0; chunks.div_ceil(MARK_GROUP) as usize],
+            marks: 0,
         }
     }
 
@@ -166,6 +183,8 @@ impl DirtyMap {
                 track: Mutex::new(Track::new(want.chunks(), &bits)),
                 bits: Mutex::new(bits),
                 state: state_path(path),
+                written: AtomicU64::new(0),
+                synced: Mutex::new(0),
             };
             m.check_boot()?;
             return Ok(m);
@@ -192,6 +211,8 @@ impl DirtyMap {
             track: Mutex::new(Track::new(header.chunks(), &bits)),
             bits: Mutex::new(bits),
             state: state_path(path),
+            written: AtomicU64::new(0),
+            synced: Mutex::new(0),
         };
         m.check_boot()?;
         Ok(m)
@@ -245,39 +266,70 @@ impl DirtyMap {
         if r.is_empty() {
             return Ok(false);
         }
-        let mut bits = self.bits.lock().unwrap();
-        {
+        let (changed, needed) = {
+            let mut bits = self.bits.lock().unwrap();
+            let mut t = self.track.lock().unwrap();
             // in flight until `note` gives the record's sequence: a clearing
             // pass in between must not clear these bits (a count, as
             // several writes to one chunk may be in flight; one that fails
             // keeps its chunk dirty until the next start)
-            let mut t = self.track.lock().unwrap();
             for c in r.clone() {
                 t.inflight[c as usize] += 1;
             }
-        }
-        let (mut lo, mut hi) = (usize::MAX, 0usize);
-        let chunks = self.header.chunks();
-        for c in r {
-            let (byte, bit) = ((c / 8) as usize, 1u8 << (c % 8));
-            if bits[byte] & bit == 0 {
-                let g0 = c / MARK_GROUP * MARK_GROUP;
-                for g in g0..(g0 + MARK_GROUP).min(chunks) {
-                    let (b, m) = ((g / 8) as usize, 1u8 << (g % 8));
-                    bits[b] |= m;
-                    lo = lo.min(b);
-                    hi = hi.max(b + 1);
+            t.marks += 1;
+            let now = t.marks;
+            for grp in r.start / MARK_GROUP..=(r.end - 1) / MARK_GROUP {
+                t.touch[grp as usize] = now;
+            }
+            let (mut lo, mut hi) = (usize::MAX, 0usize);
+            let mut groups = Vec::new();
+            let chunks = self.header.chunks();
+            for c in r.clone() {
+                let (byte, bit) = ((c / 8) as usize, 1u8 << (c % 8));
+                if bits[byte] & bit == 0 {
+                    let g0 = c / MARK_GROUP * MARK_GROUP;
+                    groups.push(g0 / MARK_GROUP);
+                    for g in g0..(g0 + MARK_GROUP).min(chunks) {
+                        let (b, m) = ((g / 8) as usize, 1u8 << (g % 8));
+                        bits[b] |= m;
+                        lo = lo.min(b);
+                        hi = hi.max(b + 1);
+                    }
                 }
             }
-        }
-        if lo == usize::MAX {
-            return Ok(false);
-        }
+            if lo != usize::MAX {
+                self.file
+                    .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
+                let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+                for grp in groups {
+                    t.gen[grp as usize] = g;
+                }
+            }
+            // the write waits for the map write that set its groups' bits,
+            // its own or one still being synced for another write
+            let needed = (r.start / MARK_GROUP..=(r.end - 1) / MARK_GROUP)
+                .map(|grp| t.gen[grp as usize])
+                .max()
+                .unwrap_or(0);
+            (lo != usize::MAX, needed)
+        };
         // durable before the write it covers is acknowledged
-        self.file
-            .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
+        self.synced_to(needed)?;
+        Ok(changed)
+    }
+
+    /// Make the map's writes up to generation `needed` durable: one
+    /// fdatasync covers every write made before it started, so writers
+    /// waiting here together share it.
+    fn synced_to(&self, needed: u64) -> io::Result<()> {
+        let mut s = self.synced.lock().unwrap();
+        if *s >= needed {
+            return Ok(());
+        }
+        let target = self.written.load(Ordering::SeqCst);
         self.file.sync_data()?;
-        Ok(true)
+        *s = target;
+        Ok(())
     }
 
     /// The dirty ranges recorded in the map at `path`, read without
@@ -402,25 +454,25 @@ impl DirtyMap {
     /// # Errors
     /// I/O errors writing the map.
     pub fn clear_acked(&self, acked: u64) -> io::Result<u64> {
+        self.clear_acked_keeping(acked, 0)
+    }
+
+    /// [`DirtyMap::clear_acked`], keeping the `hot` groups written to most
+    /// recently set (as DRBD's activity log keeps its extents): a working
+    /// set that is written again and again is not marked (and synced)
+    /// again each time. A crash then compares those groups too.
+    ///
+    /// # Errors
+    /// As [`DirtyMap::clear_acked`].
+    pub fn clear_acked_keeping(&self, acked: u64, hot: usize) -> io::Result<u64> {
         let mut bits = self.bits.lock().unwrap();
         let t = self.track.lock().unwrap();
-        let upto = acked.min(t.volume_synced);
+        let groups = self.clearable(&bits, &t, acked.min(t.volume_synced), hot);
         let chunks = self.header.chunks() as usize;
         let set = |bits: &[u8], c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
         let (mut lo, mut hi, mut n) = (usize::MAX, 0usize, 0u64);
-        for g0 in (0..chunks).step_by(MARK_GROUP as usize) {
+        for g0 in groups {
             let g = g0..(g0 + MARK_GROUP as usize).min(chunks);
-            let mut any = false;
-            let mut clearable = true;
-            for c in g.clone() {
-                if set(&bits, c) {
-                    any = true;
-                    clearable &= t.needs[c] == 0 && t.inflight[c] == 0 && t.last_seq[c] <= upto;
-                }
-            }
-            if !any || !clearable {
-                continue;
-            }
             for c in g {
                 if set(&bits, c) {
                     bits[c / 8] &= !(1u8 << (c % 8));
@@ -434,9 +486,60 @@ impl DirtyMap {
         if n > 0 {
             self.file
                 .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
-            self.file.sync_data()?;
+            let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+            drop(bits);
+            self.synced_to(g)?;
         }
         Ok(n)
+    }
+
+    /// Whether [`DirtyMap::clear_acked_keeping`] would clear anything once
+    /// the writes up to `acked` are durable in the volume (so the volume
+    /// is synced only when that pays).
+    pub fn would_clear(&self, acked: u64, hot: usize) -> bool {
+        let bits = self.bits.lock().unwrap();
+        let t = self.track.lock().unwrap();
+        !self.clearable(&bits, &t, acked, hot).is_empty()
+    }
+
+    /// The first chunks of the groups that have bits set and may be
+    /// cleared: no resync pending, no write in flight, every record up to
+    /// `upto`, and not among the `hot` groups marked most recently.
+    fn clearable(&self, bits: &[u8], t: &Track, upto: u64, hot: usize) -> Vec<usize> {
+        let chunks = self.header.chunks() as usize;
+        let set = |c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
+        let mut out = Vec::new();
+        for g0 in (0..chunks).step_by(MARK_GROUP as usize) {
+            let g = g0..(g0 + MARK_GROUP as usize).min(chunks);
+            let mut any = false;
+            let mut clearable = true;
+            for c in g {
+                if set(c) {
+                    any = true;
+                    clearable &= t.needs[c] == 0 && t.inflight[c] == 0 && t.last_seq[c] <= upto;
+                }
+            }
+            if any && clearable {
+                out.push(g0);
+            }
+        }
+        if hot > 0 {
+            // the hot set: the `hot` groups (with bits set) touched last
+            let mut touched: Vec<u64> = (0..chunks)
+                .step_by(MARK_GROUP as usize)
+                .filter(|&g0| (g0..(g0 + MARK_GROUP as usize).min(chunks)).any(set))
+                .map(|g0| t.touch[g0 / MARK_GROUP as usize])
+                .filter(|&x| x > 0)
+                .collect();
+            let threshold = if touched.len() > hot {
+                let k = touched.len() - hot;
+                *touched.select_nth_unstable(k).1
+            } else {
+                1
+            };
+            out.retain(|&g0| t.touch[g0 / MARK_GROUP as usize] < threshold);
+        }
+        out
     }
 
     /// Dirty chunks, as byte ranges of the volume (merged).
@@ -472,6 +575,63 @@ mod tests {
             DirtyMap::open(&p, 8192, 100_000).is_err(),
             "another geometry is refused"
         );
+    }
+
+    #[test]
+    fn concurrent_marks_each_return_with_their_groups_in_the_file() {
+        // 4 threads mark 64 groups (some twice, some in the same group at
+        // once); when a mark returns, its group is in the file (a reader of
+        // the file, as after a crash, sees it)
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dirty.map");
+        let cs = 4096u64;
+        let group = cs * MARK_GROUP;
+        let m = DirtyMap::open(&p, cs as u32, group * 64).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (m, p) = (&m, &p);
+                s.spawn(move || {
+                    for i in 0..32u64 {
+                        let g = (i * 2 + t / 2) % 64;
+                        let off = g * group + (t % 2) * cs;
+                        m.mark(off, 1).unwrap();
+                        let on_disk = DirtyMap::read_ranges(p).unwrap();
+                        assert!(
+                            on_disk.iter().any(|r| r.contains(&off)),
+                            "group {g} not in the file after its mark returned"
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(DirtyMap::read_ranges(&p).unwrap(), vec![0..group * 64]);
+    }
+
+    #[test]
+    fn the_groups_written_last_stay_set_as_a_hot_set() {
+        let d = tempfile::tempdir().unwrap();
+        let cs = 4096u64;
+        let group = cs * MARK_GROUP;
+        let m = DirtyMap::open(&d.path().join("dirty.map"), cs as u32, group * 10).unwrap();
+        for g in 0..10u64 {
+            m.mark(g * group, 1).unwrap();
+            m.note(g * group, 1, g + 1);
+        }
+        m.volume_synced(10);
+        assert!(m.would_clear(10, 3));
+        // the 3 groups written last stay
+        assert_eq!(m.clear_acked_keeping(10, 3).unwrap(), 7 * MARK_GROUP);
+        assert_eq!(m.dirty_ranges(), vec![7 * group..10 * group]);
+        assert!(!m.would_clear(10, 3), "only hot groups are left");
+        // group 0 written again: it joins the hot set, the oldest leaves
+        m.mark(0, 1).unwrap();
+        m.note(0, 1, 11);
+        m.volume_synced(11);
+        assert_eq!(m.clear_acked_keeping(11, 3).unwrap(), MARK_GROUP);
+        assert_eq!(m.dirty_ranges(), vec![0..group, 8 * group..10 * group]);
+        // a clean stop keeps none
+        assert_eq!(m.clear_acked(11).unwrap(), 3 * MARK_GROUP);
+        assert!(m.dirty_ranges().is_empty());
     }
 
     #[test]

@@ -44,6 +44,10 @@ use crate::throttle::Throttle;
 
 /// Dirty bits of chunks written within this long stay set (a hot set).
 const HOT: Duration = Duration::from_secs(5);
+/// And so do the bits of the groups (4 MiB) written to most recently, up
+/// to this many (1 GiB), as DRBD's activity log keeps its extents: a
+/// working set written again and again is not marked (and synced) again.
+const HOT_GROUPS: usize = 256;
 
 /// One volume to ship.
 pub struct Source {
@@ -358,17 +362,22 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                     let f = rsrc.file.clone();
                     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                         j.trim(seq)?;
-                        if upto > 0 {
+                        // (upto 0 clears only groups no write of this run
+                        // touched: left from before a restart, compared)
+                        if d.would_clear(upto, HOT_GROUPS) {
                             // bits are cleared only for writes durable here
                             // too: a machine crash must not lose a write
                             // the recovery site holds without a compare
+                            // (the volume is synced only when that clears
+                            // something: the sync of a large backlog stalls
+                            // the map's own syncs behind it)
                             if d.volume_synced_upto() < upto {
                                 let c = j.committed();
                                 f.sync_data()?;
                                 d.volume_synced(c);
                             }
                             j.set_cleared(upto)?;
-                            d.clear_acked(upto)?;
+                            d.clear_acked_keeping(upto, HOT_GROUPS)?;
                         }
                         Ok(())
                     })
