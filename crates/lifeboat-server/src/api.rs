@@ -9,7 +9,8 @@
 //!
 //! Calls that change state (POST) need `Authorization: Bearer TOKEN`, the
 //! token in the server directory's `api.token` (mode 0600); reads are open
-//! to whoever reaches the API address (loopback by default).
+//! to whoever reaches the API address (loopback by default), or need the
+//! token too with `api_reads = "token"` in `server.toml`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,13 +37,15 @@ pub fn router(st: Arc<State>) -> Router {
         .with_state(st)
 }
 
-/// Calls that change state need the API token.
+/// Calls that change state need the API token (and reads too, with
+/// `api_reads = "token"`).
 async fn authorize(
     AxState(st): AxState<Arc<State>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD {
+    let read = req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
+    if read && st.cfg.api_reads != "token" {
         return next.run(req).await;
     }
     let given = req
@@ -55,9 +58,13 @@ async fn authorize(
         _ => ApiError(
             StatusCode::UNAUTHORIZED,
             format!(
-                "this call changes state and needs the API token: send `Authorization: Bearer` \
-                 with the token in {}/api.token (lifeboat point cut reads it from \
-                 --api-token-file or LIFEBOAT_API_TOKEN)",
+                "{} needs the API token: send `Authorization: Bearer` with the token in \
+                 {}/api.token (the CLI reads it from --api-token-file or LIFEBOAT_API_TOKEN)",
+                if read {
+                    "this server's API (api_reads = \"token\")"
+                } else {
+                    "this call changes state and"
+                },
                 st.dir.display()
             ),
         )

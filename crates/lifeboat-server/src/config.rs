@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub mod defaults {
@@ -23,6 +23,10 @@ pub struct ServerConfig {
     pub listen: String,
     /// The REST API (plain HTTP; keep it on loopback or behind a proxy).
     pub api: String,
+    /// Who may read the REST API: "open" (whoever reaches its address) or
+    /// "token" (reads need the API token too, as calls that change state
+    /// always do).
+    pub api_reads: String,
     /// Directory of the hot replicas (default: `<server dir>/replicas`).
     pub replicas: Option<PathBuf>,
     /// Vault that receives recovery points (path or URL); none: no points.
@@ -65,6 +69,7 @@ impl Default for ServerConfig {
             site: "recovery".into(),
             listen: defaults::LISTEN.into(),
             api: defaults::API.into(),
+            api_reads: "open".into(),
             replicas: None,
             vault: None,
             password_file: None,
@@ -93,6 +98,13 @@ impl ServerConfig {
             toml::from_str(&s).with_context(|| format!("{} is not a valid config", p.display()))?;
         c.point_interval()?;
         c.token_ttl()?;
+        if !matches!(c.api_reads.as_str(), "open" | "token") {
+            bail!(
+                "{}: api_reads = {:?}: say \"open\" or \"token\"",
+                p.display(),
+                c.api_reads
+            );
+        }
         Ok(c)
     }
 

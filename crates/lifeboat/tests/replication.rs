@@ -501,6 +501,64 @@ fn pause_holds_replication_and_resume_ships_what_was_written() {
 }
 
 #[test]
+fn reads_need_the_api_token_when_the_server_says_so() {
+    let Some((d, mut s)) = Sites::ready("8GiB") else {
+        return;
+    };
+    // open reads by default
+    let out = ok(lb(d.path(), &["status", "--api", &s.api]));
+    assert!(out.contains("db/disk0"), "{out}");
+    s.server.as_mut().unwrap().stop();
+    let p = d.path().join("srv/server.toml");
+    let c = std::fs::read_to_string(&p).unwrap();
+    assert!(
+        c.contains("api_reads = \"open\""),
+        "the default is written: {c}"
+    );
+    let c = c.replace("api_reads = \"open\"", "api_reads = \"token\"");
+    std::fs::write(&p, c).unwrap();
+    s.start_server();
+    let shown = ok(lb(d.path(), &["server", "config", "show", "srv"]));
+    assert!(shown.contains("api_reads = \"token\""), "{shown}");
+    let (code, e) = http(&s.api, "GET", "/api/v1/status");
+    assert_eq!(code, 401, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("api.token"), "{e}");
+    let (code, v) = http_as(&s.api, "GET", "/api/v1/status", Some(&s.api_token()));
+    assert_eq!(code, 200, "{v}");
+    // the CLI: refused without the token (saying where it is), fine with it
+    let o = lb(d.path(), &["status", "--api", &s.api]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("api.token"),
+        "{o:?}"
+    );
+    let out = ok(lb(
+        d.path(),
+        &[
+            "status",
+            "--api",
+            &s.api,
+            "--api-token-file",
+            "srv/api.token",
+        ],
+    ));
+    assert!(out.contains("db/disk0"), "{out}");
+    // a value that means nothing is refused at start
+    let c = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(
+        &p,
+        c.replace("api_reads = \"token\"", "api_reads = \"yes\""),
+    )
+    .unwrap();
+    let o = lb(d.path(), &["server", "config", "show", "srv"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("api_reads"),
+        "{o:?}"
+    );
+}
+
+#[test]
 fn unprotect_disconnects_the_volumes_nbd_clients() {
     use std::io::Read;
     let Some((d, s)) = Sites::ready("8GiB") else {

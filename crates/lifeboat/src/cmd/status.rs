@@ -14,6 +14,10 @@ pub struct StatusArgs {
     /// The server's API address
     #[arg(long, default_value = lifeboat_server::config::defaults::API, env = "LIFEBOAT_API")]
     pub api: String,
+    /// The server's API token (SERVER_DIR/api.token), for a server whose
+    /// reads need it (`api_reads = "token"`); else LIFEBOAT_API_TOKEN
+    #[arg(long)]
+    pub api_token_file: Option<std::path::PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -21,6 +25,17 @@ pub struct StatusArgs {
 /// GET a JSON document from the API (plain HTTP/1.1 on the local network).
 pub fn get(api: &str, path: &str) -> Result<String> {
     request(api, "GET", path, None)
+}
+
+/// [`get`] with the API token when one is given (`file`, else
+/// `LIFEBOAT_API_TOKEN`): a server may ask for it on reads too.
+pub fn get_with_token(api: &str, path: &str, file: Option<&std::path::Path>) -> Result<String> {
+    let token = match (file, std::env::var("LIFEBOAT_API_TOKEN")) {
+        (Some(_), _) => Some(api_token(file)?),
+        (None, Ok(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => None,
+    };
+    request(api, "GET", path, token.as_deref())
 }
 
 /// POST (no body) to the API with its token; returns the JSON answer.
@@ -95,7 +110,7 @@ fn dechunk(b: &str) -> String {
 }
 
 pub fn run(a: StatusArgs) -> Result<()> {
-    let body = get(&a.api, "/api/v1/status")?;
+    let body = get_with_token(&a.api, "/api/v1/status", a.api_token_file.as_deref())?;
     let st: Status =
         serde_json::from_str(&body).context("the API answered something unexpected")?;
     if a.json {
