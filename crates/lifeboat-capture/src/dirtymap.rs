@@ -29,6 +29,10 @@ use lifeboat_format::dirtymap::{DirtyMapHeader, HEADER_LEN};
 
 /// Chunks marked together (see [`DirtyMap::mark`]).
 pub const MARK_GROUP: u64 = 64;
+const _: () = assert!(
+    MARK_GROUP.is_multiple_of(8),
+    "a mark group is whole bytes of the bitmap"
+);
 
 pub struct DirtyMap {
     file: File,
@@ -43,7 +47,12 @@ pub struct DirtyMap {
     /// lock: writes into groups already marked do not wait for it, and
     /// marks made meanwhile share the next one.
     written: AtomicU64,
-    synced: Mutex<u64>,
+    synced: AtomicU64,
+    sync_lock: Mutex<()>,
+    /// A write or sync of the map failed: the bits on disk are unknown, so
+    /// every later mark fails too (an fdatasync error is reported once; a
+    /// later sync that "succeeds" proves nothing) until the map is reopened.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// Byte ranges (merged) of the chunks whose bits are set.
@@ -114,6 +123,9 @@ struct Track {
     pending: u64,
     /// Records up to this sequence are durable in the local volume.
     volume_synced: u64,
+    /// The volume was synced since the map was opened (until then even the
+    /// data a resync pass sent from the page cache may not be on disk).
+    volume_sync_seen: bool,
     /// Writes marked but not yet journaled (`mark` .. `note`), per chunk:
     /// a chunk with one in flight is never cleared.
     inflight: Vec<u32>,
@@ -136,6 +148,7 @@ impl Track {
             pending: needs.iter().filter(|n| **n != 0).count() as u64,
             needs,
             volume_synced: 0,
+            volume_sync_seen: false,
             inflight: vec![0; chunks as usize],
             gen: vec![0; chunks.div_ceil(MARK_GROUP) as usize],
             touch: vec![0; chunks.div_ceil(MARK_GROUP) as usize],
@@ -184,7 +197,9 @@ impl DirtyMap {
                 bits: Mutex::new(bits),
                 state: state_path(path),
                 written: AtomicU64::new(0),
-                synced: Mutex::new(0),
+                synced: AtomicU64::new(0),
+                sync_lock: Mutex::new(()),
+                failed: false.into(),
             };
             m.check_boot()?;
             return Ok(m);
@@ -205,6 +220,9 @@ impl DirtyMap {
         }
         let mut bits = vec![0u8; header.bitmap_len() as usize];
         file.read_exact_at(&mut bits, HEADER_LEN as u64)?;
+        // bits a crashed process wrote but did not sync yet count as
+        // durable from now on (marks into their groups do not sync again)
+        file.sync_data()?;
         let m = DirtyMap {
             file,
             header,
@@ -212,7 +230,9 @@ impl DirtyMap {
             bits: Mutex::new(bits),
             state: state_path(path),
             written: AtomicU64::new(0),
-            synced: Mutex::new(0),
+            synced: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            failed: false.into(),
         };
         m.check_boot()?;
         Ok(m)
@@ -266,6 +286,7 @@ impl DirtyMap {
         if r.is_empty() {
             return Ok(false);
         }
+        self.check_failed()?;
         let (changed, needed) = {
             let mut bits = self.bits.lock().unwrap();
             let mut t = self.track.lock().unwrap();
@@ -298,8 +319,13 @@ impl DirtyMap {
                 }
             }
             if lo != usize::MAX {
-                self.file
-                    .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
+                if let Err(e) = self
+                    .file
+                    .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)
+                {
+                    self.failed.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
                 let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
                 for grp in groups {
                     t.gen[grp as usize] = g;
@@ -322,13 +348,31 @@ impl DirtyMap {
     /// fdatasync covers every write made before it started, so writers
     /// waiting here together share it.
     fn synced_to(&self, needed: u64) -> io::Result<()> {
-        let mut s = self.synced.lock().unwrap();
-        if *s >= needed {
+        self.check_failed()?;
+        // writes into groups already durable do not wait for a sync
+        if self.synced.load(Ordering::SeqCst) >= needed {
+            return Ok(());
+        }
+        let _g = self.sync_lock.lock().unwrap();
+        self.check_failed()?;
+        if self.synced.load(Ordering::SeqCst) >= needed {
             return Ok(());
         }
         let target = self.written.load(Ordering::SeqCst);
-        self.file.sync_data()?;
-        *s = target;
+        if let Err(e) = self.file.sync_data() {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        self.synced.store(target, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn check_failed(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "the dirty map could not be written or synced earlier; restart the agent",
+            ));
+        }
         Ok(())
     }
 
@@ -389,8 +433,14 @@ impl DirtyMap {
                 n += 1;
             }
         }
-        self.file.write_all_at(&bits, HEADER_LEN as u64)?;
-        self.file.sync_data()?;
+        let res = self
+            .file
+            .write_all_at(&bits, HEADER_LEN as u64)
+            .and_then(|_| self.file.sync_data());
+        if let Err(e) = res {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         Ok(n)
     }
 
@@ -439,6 +489,12 @@ impl DirtyMap {
     pub fn volume_synced(&self, seq: u64) {
         let mut t = self.track.lock().unwrap();
         t.volume_synced = t.volume_synced.max(seq);
+        t.volume_sync_seen = true;
+    }
+
+    /// Whether the volume was synced since the map was opened.
+    pub fn volume_sync_seen(&self) -> bool {
+        self.track.lock().unwrap().volume_sync_seen
     }
 
     /// Records up to this sequence are durable in the local volume.
@@ -467,6 +523,9 @@ impl DirtyMap {
     pub fn clear_acked_keeping(&self, acked: u64, hot: usize) -> io::Result<u64> {
         let mut bits = self.bits.lock().unwrap();
         let t = self.track.lock().unwrap();
+        if !t.volume_sync_seen {
+            return Ok(0);
+        }
         let groups = self.clearable(&bits, &t, acked.min(t.volume_synced), hot);
         let chunks = self.header.chunks() as usize;
         let set = |bits: &[u8], c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
@@ -484,8 +543,13 @@ impl DirtyMap {
         }
         drop(t);
         if n > 0 {
-            self.file
-                .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)?;
+            if let Err(e) = self
+                .file
+                .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)
+            {
+                self.failed.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
             let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
             drop(bits);
             self.synced_to(g)?;
@@ -508,8 +572,17 @@ impl DirtyMap {
     fn clearable(&self, bits: &[u8], t: &Track, upto: u64, hot: usize) -> Vec<usize> {
         let chunks = self.header.chunks() as usize;
         let set = |c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
+        // a group's bits are whole bytes (MARK_GROUP is a multiple of 8):
+        // an all-zero group costs one look at its bytes
+        let empty = |g0: usize| {
+            let end = (g0 + MARK_GROUP as usize).min(chunks).div_ceil(8);
+            bits[g0 / 8..end].iter().all(|b| *b == 0)
+        };
         let mut out = Vec::new();
         for g0 in (0..chunks).step_by(MARK_GROUP as usize) {
+            if empty(g0) {
+                continue;
+            }
             let g = g0..(g0 + MARK_GROUP as usize).min(chunks);
             let mut any = false;
             let mut clearable = true;
@@ -527,7 +600,7 @@ impl DirtyMap {
             // the hot set: the `hot` groups (with bits set) touched last
             let mut touched: Vec<u64> = (0..chunks)
                 .step_by(MARK_GROUP as usize)
-                .filter(|&g0| (g0..(g0 + MARK_GROUP as usize).min(chunks)).any(set))
+                .filter(|&g0| !empty(g0))
                 .map(|g0| t.touch[g0 / MARK_GROUP as usize])
                 .filter(|&x| x > 0)
                 .collect();
@@ -617,6 +690,10 @@ mod tests {
             m.mark(g * group, 1).unwrap();
             m.note(g * group, 1, g + 1);
         }
+        // nothing is cleared before the volume was synced since the open
+        // (not even at sequence 0: a resync pass sends page-cache data)
+        assert_eq!(m.clear_acked(10).unwrap(), 0);
+        assert!(!m.volume_sync_seen());
         m.volume_synced(10);
         assert!(m.would_clear(10, 3));
         // the 3 groups written last stay

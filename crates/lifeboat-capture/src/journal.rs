@@ -98,10 +98,9 @@ impl Inner {
 impl Drop for Journal {
     fn drop(&mut self) {
         // a tail not written out (no clean stop) leaves the budget
-        if let Ok(mut g) = self.inner.lock() {
-            let n = g.mem_bytes;
-            g.mem_sub(n);
-        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let n = g.mem_bytes;
+        g.mem_sub(n);
     }
 }
 

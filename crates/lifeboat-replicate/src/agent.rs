@@ -455,7 +455,11 @@ fn stop_volume(r: Running) {
         let _ = std::fs::remove_file(s);
     }
     if let Some(a) = &r.cfg.nbd_listen {
-        let _ = std::net::TcpStream::connect(a);
+        use std::net::ToSocketAddrs;
+        // bounded: a filtered address must not hold the stop for minutes
+        if let Some(sa) = a.to_socket_addrs().ok().and_then(|mut s| s.next()) {
+            let _ = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1));
+        }
     }
     // every client disconnected and its requests done (the listener waits
     // up to 10 s for them; this up to 15 s for the listener)

@@ -264,7 +264,7 @@ pub fn open_batch(codec: u8, raw_len: u32, payload: &[u8]) -> Result<Vec<Rec>> {
 
 /// [`open_batch`] without copying the records' data: they borrow the
 /// payload, or `scratch` when it was compressed (decompressed into it,
-/// reused from batch to batch).
+/// reused from batch to batch: its length is the bytes already zeroed).
 ///
 /// # Errors
 /// As [`open_batch`].
@@ -284,20 +284,24 @@ pub fn open_batch_ref<'a>(
                 static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
                     const { std::cell::RefCell::new(None) };
             }
-            scratch.clear();
-            scratch.reserve(raw_len as usize);
-            DCTX.with(|cell| {
-                let mut cell = cell.borrow_mut();
-                if cell.is_none() {
-                    *cell = Some(zstd::bulk::Decompressor::new()?);
-                }
-                // into the spare capacity: at most raw_len bytes
-                cell.as_mut()
-                    .expect("just made")
-                    .decompress_to_buffer(payload, &mut *scratch)
-            })
-            .context("batch does not decompress")?;
-            scratch
+            // into exactly raw_len bytes (more fails); zeroed only when the
+            // buffer grows
+            let want = raw_len as usize;
+            if scratch.len() < want {
+                scratch.resize(want, 0);
+            }
+            let n = DCTX
+                .with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    if cell.is_none() {
+                        *cell = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    cell.as_mut()
+                        .expect("just made")
+                        .decompress_to_buffer(payload, &mut scratch[..want])
+                })
+                .context("batch does not decompress")?;
+            &scratch[..n]
         }
         c => bail!("unknown batch codec {c}"),
     };

@@ -327,7 +327,10 @@ impl Receiver {
             Ok(recs) => self.apply(recs, io),
             Err(e) => Err(ReceiveError::Protocol(e.to_string())),
         };
-        self.scratch = scratch;
+        // a rare large batch does not keep its buffer for the stream's life
+        if scratch.len() <= KEEP_BUFFER {
+            self.scratch = scratch;
+        }
         res?;
         Ok(vec![self.ack(io, false)?])
     }
@@ -431,6 +434,10 @@ impl Receiver {
         }
     }
 }
+
+/// Buffers up to this size are kept from frame to frame (batches are at
+/// most a few MiB; a larger one, a single large write, is rare).
+pub const KEEP_BUFFER: usize = 8 << 20;
 
 /// A short name of a frame for messages.
 pub fn frame_name(f: &Frame) -> &'static str {

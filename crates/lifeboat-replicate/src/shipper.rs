@@ -371,7 +371,7 @@ async fn ship_once(src: &Arc<Source>, opts: &ShipOptions, status: &Arc<ShipStatu
                             // (the volume is synced only when that clears
                             // something: the sync of a large backlog stalls
                             // the map's own syncs behind it)
-                            if d.volume_synced_upto() < upto {
+                            if !d.volume_sync_seen() || d.volume_synced_upto() < upto {
                                 let c = j.committed();
                                 f.sync_data()?;
                                 d.volume_synced(c);

@@ -481,6 +481,9 @@ where
             }
         }
         answer(wr, res, item, volume).await?;
+        if buf.len() > lifeboat_replicate::receiver::KEEP_BUFFER {
+            buf = Vec::new();
+        }
         // parked at a consistency-group cut marker: hold the stream (and,
         // through TCP, the agent) until the point is cut
         if rx.parked().is_some() {
