@@ -319,14 +319,7 @@ impl DirtyMap {
                 }
             }
             if lo != usize::MAX {
-                if let Err(e) = self
-                    .file
-                    .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)
-                {
-                    self.failed.store(true, Ordering::SeqCst);
-                    return Err(e);
-                }
-                let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+                let g = self.write_bits(&bits, lo, hi)?;
                 for grp in groups {
                     t.gen[grp as usize] = g;
                 }
@@ -342,6 +335,20 @@ impl DirtyMap {
         // durable before the write it covers is acknowledged
         self.synced_to(needed)?;
         Ok(changed)
+    }
+
+    /// Write the bitmap bytes `lo..hi` to the file (under the bits' lock,
+    /// so the file follows memory in order); returns the write's
+    /// generation, for [`DirtyMap::synced_to`]. A failure fails the map.
+    fn write_bits(&self, bits: &[u8], lo: usize, hi: usize) -> io::Result<u64> {
+        if let Err(e) = self
+            .file
+            .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)
+        {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(self.written.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
     /// Make the map's writes up to generation `needed` durable: one
@@ -433,14 +440,8 @@ impl DirtyMap {
                 n += 1;
             }
         }
-        let res = self
-            .file
-            .write_all_at(&bits, HEADER_LEN as u64)
-            .and_then(|_| self.file.sync_data());
-        if let Err(e) = res {
-            self.failed.store(true, Ordering::SeqCst);
-            return Err(e);
-        }
+        let g = self.write_bits(&bits, 0, bits.len())?;
+        self.synced_to(g)?;
         Ok(n)
     }
 
@@ -543,14 +544,7 @@ impl DirtyMap {
         }
         drop(t);
         if n > 0 {
-            if let Err(e) = self
-                .file
-                .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)
-            {
-                self.failed.store(true, Ordering::SeqCst);
-                return Err(e);
-            }
-            let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+            let g = self.write_bits(&bits, lo, hi)?;
             drop(bits);
             self.synced_to(g)?;
         }

@@ -68,11 +68,6 @@ impl MemoryBudget {
     pub fn used(&self) -> u64 {
         self.used.load(std::sync::atomic::Ordering::Relaxed)
     }
-
-    /// The budget.
-    pub fn max(&self) -> u64 {
-        self.max
-    }
 }
 
 impl Inner {
@@ -736,8 +731,8 @@ impl Journal {
         if max > 0 && g.budget.used() + need > max {
             // the recovery site is behind: this tail's oldest records go
             // to segments until a quarter of the budget is free (all of
-            // it at once held every writer for a quarter of a second per
-            // 256 MiB, and wrote out records about to be acknowledged)
+            // it at once held every writer while the whole tail was
+            // written, and wrote out records about to be acknowledged)
             let over = (g.budget.used() + need).saturating_sub(max / 4 * 3);
             let keep = g.mem_bytes.saturating_sub(over);
             self.spill_to(g, keep)?;
@@ -1260,19 +1255,21 @@ mod tests {
         assert_eq!(j.committed(), 0);
     }
 
+    /// Bytes of the segment files in `d`.
+    fn seg_bytes(d: &Path) -> u64 {
+        segments(d)
+            .unwrap()
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
     #[test]
     fn journals_sharing_a_memory_budget_spill_their_own_records_only() {
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let budget = MemoryBudget::new(1000);
         let a = Journal::open_with_budget(da.path(), budget.clone()).unwrap();
         let b = Journal::open_with_budget(db.path(), budget.clone()).unwrap();
-        let seg_bytes = |d: &Path| -> u64 {
-            segments(d)
-                .unwrap()
-                .iter()
-                .map(|p| fs::metadata(p).unwrap().len())
-                .sum()
-        };
         let (ea, eb) = (seg_bytes(da.path()), seg_bytes(db.path()));
         let w = |j: &Journal, i: u64| {
             j.record_shared(RecordKind::Write, i, Arc::new(vec![i as u8; 100]), |_| {
@@ -1312,13 +1309,6 @@ mod tests {
     #[test]
     fn a_memory_tail_ships_without_segments_spills_when_full_and_is_kept_by_a_clean_stop() {
         let d = tempfile::tempdir().unwrap();
-        let seg_bytes = |d: &Path| -> u64 {
-            segments(d)
-                .unwrap()
-                .iter()
-                .map(|p| fs::metadata(p).unwrap().len())
-                .sum()
-        };
         let j = Journal::open_with_memory(d.path(), 1000).unwrap();
         let empty = seg_bytes(d.path());
         let w = |j: &Journal, i: u64| {

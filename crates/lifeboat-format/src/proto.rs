@@ -470,21 +470,6 @@ impl Frame {
         v
     }
 
-    /// For a [`Frame::Batch`]: the bytes [`Frame::encode`] puts before its
-    /// payload, so a writer can send the payload without copying it into
-    /// one buffer first. Other frames: `None`.
-    pub fn batch_head(&self) -> Option<[u8; 10]> {
-        let Frame::Batch {
-            codec,
-            raw_len,
-            payload,
-        } = self
-        else {
-            return None;
-        };
-        Some(batch_head(*codec, *raw_len, payload.len()))
-    }
-
     /// For the bytes after a frame's prefix that are a batch frame: its
     /// codec, raw length and payload, borrowed (a receiver decodes the
     /// records without copying the payload first). Other frames: `None`.
@@ -672,8 +657,9 @@ pub fn encode_records(recs: &[Rec]) -> Vec<u8> {
     v
 }
 
-/// The bytes before the payload of a batch frame (prefix, type, codec, raw
-/// length) whose payload is `payload_len` bytes.
+/// The bytes [`Frame::encode`] puts before the payload of a batch frame
+/// (prefix, type, codec, raw length) whose payload is `payload_len` bytes,
+/// so a writer can send the payload without copying it into one buffer.
 pub fn batch_head(codec: u8, raw_len: u32, payload_len: usize) -> [u8; 10] {
     let mut h = [0u8; 10];
     h[..4].copy_from_slice(&(6 + payload_len as u32).to_be_bytes());
@@ -815,10 +801,9 @@ mod tests {
             raw_len: 77,
             payload: vec![9; 33],
         };
-        let mut split = b.batch_head().unwrap().to_vec();
+        let mut split = batch_head(1, 77, 33).to_vec();
         split.extend_from_slice(&[9; 33]);
         assert_eq!(split, b.encode(), "batch_head + payload is the frame");
-        assert_eq!(Frame::Ping { t: 1 }.batch_head(), None);
         roundtrip(Frame::Batch {
             codec: 0,
             raw_len: p.len() as u32,

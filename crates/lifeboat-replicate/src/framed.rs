@@ -2,7 +2,7 @@
 //! (de)compression.
 
 use anyhow::{bail, Context, Result};
-use lifeboat_format::proto::{decode_records_ref, Frame, Rec, RecRef, MAX_BATCH_RAW};
+use lifeboat_format::proto::{decode_records_ref, Frame, RecRef, MAX_BATCH_RAW};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Read one frame; `Ok(None)` when the peer closed the stream cleanly
@@ -20,26 +20,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 /// # Errors
 /// As [`read_frame`], or a frame over `max`.
 pub async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>> {
-    let mut p = [0u8; 4];
-    match r.read_exact(&mut p).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let mut b = Vec::new();
+    match read_body(r, &mut b, max).await? {
+        Some(n) => Ok(Some(Frame::decode(&b[..n])?)),
+        None => Ok(None),
     }
-    let n = Frame::body_len(p)?;
-    if n > max {
-        bail!("a {n}-byte frame from a peer that may send at most {max} now");
-    }
-    // read into spare capacity: a frame of megabytes is not zeroed first
-    let mut b = Vec::with_capacity(n);
-    r.take(n as u64)
-        .read_to_end(&mut b)
-        .await
-        .context("the stream ended inside a frame (truncated)")?;
-    if b.len() < n {
-        bail!("the stream ended inside a frame (truncated)");
-    }
-    Ok(Some(Frame::decode(&b)?))
 }
 
 /// Read the next frame's type + body into `buf` (grown when needed, never
@@ -53,6 +38,15 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
+    read_body(r, buf, usize::MAX).await
+}
+
+/// [`read_frame_body`] refusing a frame over `max` bytes before reading it.
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<usize>> {
     let mut p = [0u8; 4];
     match r.read_exact(&mut p).await {
         Ok(_) => {}
@@ -60,6 +54,9 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let n = Frame::body_len(p)?;
+    if n > max {
+        bail!("a {n}-byte frame from a peer that may send at most {max} now");
+    }
     if buf.len() < n {
         buf.resize(n, 0);
     }
@@ -83,53 +80,22 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     Ok(())
 }
 
-/// A cheap guess that zstd would not shrink a batch (see
-/// [`lifeboat_format::blob::looks_incompressible`]; up to 8 samples).
-fn looks_incompressible(data: &[u8]) -> bool {
-    looks_incompressible_parts(&[data])
-}
-
-fn looks_incompressible_parts(parts: &[&[u8]]) -> bool {
-    lifeboat_format::blob::looks_incompressible(parts, 8)
-}
-
-/// A batch frame of an encoded payload, compressed when that pays.
-pub fn batch(payload: Vec<u8>) -> Frame {
-    let raw_len = payload.len() as u32;
-    if payload.len() >= 512 && !looks_incompressible(&payload) {
-        // one compression context per thread: making one per batch cost
-        // more than compressing a batch of small writes
-        thread_local! {
-            static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        let c = CCTX.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            if cell.is_none() {
-                *cell = zstd::bulk::Compressor::new(1).ok();
-            }
-            cell.as_mut().map(|z| z.compress(&payload))
-        });
-        if let Some(Ok(c)) = c {
-            if c.len() < payload.len() - payload.len() / 16 {
-                return Frame::Batch {
-                    codec: 1,
-                    raw_len,
-                    payload: c,
-                };
-            }
-        }
-    }
+/// A batch frame of an encoded payload, compressed when that pays (as
+/// [`BatchEncoder`] decides; for tests, which build payloads themselves).
+#[cfg(test)]
+pub(crate) fn batch(payload: Vec<u8>) -> Frame {
+    let mut e = BatchEncoder::default();
+    let b = e.encode_parts(vec![&payload]);
     Frame::Batch {
-        codec: 0,
-        raw_len,
-        payload,
+        codec: b.codec,
+        raw_len: b.raw_len,
+        payload: b.parts.concat(),
     }
 }
 
 /// Encodes batch payloads from records without copying their data into
-/// one buffer first: compressed by a streaming zstd context that reads the
-/// records where they are, or, when that would not pay, handed out as the
+/// one buffer first: compressed (see [`compress_parts`]) when the data does
+/// not look random and that saves at least 1/16, else handed out as the
 /// list of headers and data slices to write one after the other. The
 /// buffers are kept from batch to batch.
 #[derive(Default)]
@@ -176,20 +142,28 @@ impl BatchEncoder {
                 parts.push(&r.data[..r.len as usize]);
             }
         }
+        Self::finish(&mut self.zstd, &mut self.out, &mut self.small, parts)
+    }
+
+    /// The payload whose pieces are `parts` (already encoded records).
+    pub fn encode_parts<'a>(&'a mut self, parts: Vec<&'a [u8]>) -> EncodedBatch<'a> {
+        Self::finish(&mut self.zstd, &mut self.out, &mut self.small, parts)
+    }
+
+    fn finish<'a>(
+        zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+        out: &'a mut Vec<u8>,
+        small: &mut Vec<u8>,
+        parts: Vec<&'a [u8]>,
+    ) -> EncodedBatch<'a> {
         let raw_len: usize = parts.iter().map(|p| p.len()).sum();
-        if raw_len >= 512 && !looks_incompressible_parts(&parts) {
-            if let Ok(n) = compress_parts(
-                &mut self.zstd,
-                &mut self.out,
-                &mut self.small,
-                &parts,
-                raw_len,
-            ) {
+        if raw_len >= 512 && !lifeboat_format::blob::looks_incompressible(&parts, 8) {
+            if let Ok(n) = compress_parts(zstd, out, small, &parts, raw_len) {
                 if n < raw_len - raw_len / 16 {
                     return EncodedBatch {
                         codec: 1,
                         raw_len: raw_len as u32,
-                        parts: vec![&self.out[..n]],
+                        parts: vec![&out[..n]],
                     };
                 }
             }
@@ -250,11 +224,16 @@ fn compress_parts(
 /// own (not copied next to the others first).
 const OWN_FRAME: usize = 64 << 10;
 
-/// The records of a batch frame.
+/// The records of a batch frame (tests; receivers use [`open_batch_ref`]).
 ///
 /// # Errors
 /// A payload that does not decompress to `raw_len` bytes or does not decode.
-pub fn open_batch(codec: u8, raw_len: u32, payload: &[u8]) -> Result<Vec<Rec>> {
+#[cfg(test)]
+pub(crate) fn open_batch(
+    codec: u8,
+    raw_len: u32,
+    payload: &[u8],
+) -> Result<Vec<lifeboat_format::proto::Rec>> {
     let mut scratch = Vec::new();
     Ok(open_batch_ref(codec, raw_len, payload, &mut scratch)?
         .iter()
@@ -346,7 +325,7 @@ mod tests {
 
         // the encoder that reads records where they are decides the same
         // way, and what it sends opens to the same records
-        use lifeboat_format::proto::{encode_records, RecKind};
+        use lifeboat_format::proto::{encode_records, Rec, RecKind};
         let rec = |kind, seq, offset, data: &[u8]| Rec {
             kind,
             seq,

@@ -207,32 +207,39 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn send(&mut self, f: &Frame) -> Result<()> {
-        use tokio::io::AsyncWriteExt;
         let b = f.encode();
-        self.throttle.take(b.len() as u64).await;
-        self.status
-            .sent_bytes
-            .fetch_add(b.len() as u64, Ordering::Relaxed);
-        self.w.write_all(&b).await?;
-        self.w.flush().await?;
-        Ok(())
+        Self::put(&mut self.w, &mut self.throttle, &self.status, &[&b]).await
     }
 
     /// Send a batch of `recs` (their data is not copied into a payload
     /// first); returns its raw length.
     async fn send_records(&mut self, recs: &[RecRef<'_>]) -> Result<u64> {
-        use tokio::io::AsyncWriteExt;
         let b = self.enc.encode(recs);
         let head = batch_head(b.codec, b.raw_len, b.len());
-        let n = (head.len() + b.len()) as u64;
-        self.throttle.take(n).await;
-        self.status.sent_bytes.fetch_add(n, Ordering::Relaxed);
-        self.w.write_all(&head).await?;
-        for p in &b.parts {
-            self.w.write_all(p).await?;
-        }
-        self.w.flush().await?;
+        let mut pieces = Vec::with_capacity(b.parts.len() + 1);
+        pieces.push(&head[..]);
+        pieces.extend_from_slice(&b.parts);
+        Self::put(&mut self.w, &mut self.throttle, &self.status, &pieces).await?;
         Ok(b.raw_len as u64)
+    }
+
+    /// Write `pieces` (one frame) within the bandwidth limit, counted, and
+    /// flush.
+    async fn put(
+        w: &mut tokio::io::BufWriter<W>,
+        throttle: &mut Throttle,
+        status: &ShipStatus,
+        pieces: &[&[u8]],
+    ) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let n = pieces.iter().map(|p| p.len() as u64).sum();
+        throttle.take(n).await;
+        status.sent_bytes.fetch_add(n, Ordering::Relaxed);
+        for p in pieces {
+            w.write_all(p).await?;
+        }
+        w.flush().await?;
+        Ok(())
     }
 }
 
