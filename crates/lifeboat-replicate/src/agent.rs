@@ -446,6 +446,24 @@ fn start_volume(
     })
 }
 
+/// Stop volumes together, off the runtime's workers: a stop waits (for
+/// NBD clients to go, for the flush of the volume), and one volume's wait
+/// must neither hold the others' nor stall the shipping of the rest.
+async fn stop_volumes(rs: Vec<Running>) {
+    let stops: Vec<_> = rs
+        .into_iter()
+        .map(|r| {
+            let name = r.cfg.name.clone();
+            (name, tokio::task::spawn_blocking(move || stop_volume(r)))
+        })
+        .collect();
+    for (name, h) in stops {
+        if let Err(e) = h.await {
+            tracing::error!("{name}: stopping the volume failed: {e}");
+        }
+    }
+}
+
 fn stop_volume(r: Running) {
     let _ = r.stop.send(true);
     r.nbd_stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -604,12 +622,15 @@ pub async fn run(path: PathBuf, shutdown: impl std::future::Future<Output = ()>)
             .filter(|(k, r)| want.get(*k) != Some(&r.cfg))
             .map(|(k, _)| k.clone())
             .collect();
+        let mut stopping = Vec::new();
         for k in gone {
             if let Some(r) = running.remove(&k) {
                 tracing::info!("{}/{}: no longer protected", k.0, k.1);
-                stop_volume(r);
+                stopping.push(r);
             }
         }
+        // (a changed volume starts again below, once its old self stopped)
+        stop_volumes(stopping).await;
         for (k, v) in &want {
             if running.contains_key(k) {
                 continue;
@@ -709,8 +730,6 @@ pub async fn run(path: PathBuf, shutdown: impl std::future::Future<Output = ()>)
             }
         }
     }
-    for (_, r) in running.drain() {
-        stop_volume(r);
-    }
+    stop_volumes(running.into_values().collect()).await;
     Ok(())
 }
