@@ -1,9 +1,10 @@
 //! The persistent dirty map (format in `lifeboat_format::dirtymap`): marks
 //! the chunks a write touches, durably, before the write is acknowledged,
 //! as DRBD's activity log does. Only clean→dirty transitions cost a write
-//! and an fdatasync of the map (~0.1 ms here), and a clean chunk marks its
-//! whole group of [`MARK_GROUP`] chunks (4 MiB, DRBD's extent size): writes
-//! to a group already dirty cost nothing. The map is therefore exact after
+//! and an fdatasync of the map (~0.1 ms here, 0.3 ms while the disk is
+//! busy), and a clean chunk marks its whole group of [`MARK_GROUP`] chunks
+//! (4 MiB, DRBD's extent size) and the clean groups of its region (up to
+//! 64 MiB): writes to a group already dirty cost nothing. The map is therefore exact after
 //! a process crash *and* after a machine crash.
 //!
 //! Replication clears bits again, a group at a time: a group is cleared
@@ -29,6 +30,10 @@ use lifeboat_format::dirtymap::{DirtyMapHeader, HEADER_LEN};
 
 /// Chunks marked together (see [`DirtyMap::mark`]).
 pub const MARK_GROUP: u64 = 64;
+/// Groups a clean group's mark takes along at most (an aligned region of
+/// 16 groups, 64 MiB with 64 KiB chunks), and never more than 1/64 of the
+/// volume (see [`DirtyMap::mark`]).
+pub const MARK_REGION_MAX: u64 = 16;
 const _: () = assert!(
     MARK_GROUP.is_multiple_of(8),
     "a mark group is whole bytes of the bitmap"
@@ -276,8 +281,13 @@ impl DirtyMap {
     /// chunk marks its whole group of [`MARK_GROUP`] chunks (4 MiB with 64 KiB
     /// chunks), as DRBD's activity log marks extents: sequential and nearby
     /// writes then cost one synced map update per group, not one per chunk;
-    /// a resync after a crash compares the group by hash. Returns whether
-    /// the map changed (and so was written and synced).
+    /// a resync after a crash compares the group by hash. The same write
+    /// also marks the clean groups of the group's aligned region (up to
+    /// [`MARK_REGION_MAX`] groups, at most 1/64 of the volume): random writes
+    /// spread over a volume then pay one fdatasync per region, not one per
+    /// group, for at most a region per mark to compare after a crash (the
+    /// caller's hot set bounds what stays marked). Returns whether the map
+    /// changed (and so was written and synced).
     ///
     /// # Errors
     /// I/O errors writing the map: the write must then not be acknowledged.
@@ -305,23 +315,38 @@ impl DirtyMap {
             let (mut lo, mut hi) = (usize::MAX, 0usize);
             let mut groups = Vec::new();
             let chunks = self.header.chunks();
+            let ngroups = chunks.div_ceil(MARK_GROUP);
+            let region = (ngroups / 64).clamp(1, MARK_REGION_MAX);
             for c in r.clone() {
                 let (byte, bit) = ((c / 8) as usize, 1u8 << (c % 8));
-                if bits[byte] & bit == 0 {
-                    let g0 = c / MARK_GROUP * MARK_GROUP;
-                    groups.push(g0 / MARK_GROUP);
-                    for g in g0..(g0 + MARK_GROUP).min(chunks) {
-                        let (b, m) = ((g / 8) as usize, 1u8 << (g % 8));
-                        bits[b] |= m;
-                        lo = lo.min(b);
-                        hi = hi.max(b + 1);
+                if bits[byte] & bit != 0 {
+                    continue;
+                }
+                // the group and the clean groups of its region: one synced
+                // write instead of one for each as random writes reach them
+                let r0 = c / MARK_GROUP / region * region;
+                for grp in r0..(r0 + region).min(ngroups) {
+                    let g = grp * MARK_GROUP..((grp + 1) * MARK_GROUP).min(chunks);
+                    let (b0, b1) = ((g.start / 8) as usize, g.end.div_ceil(8) as usize);
+                    if g.clone()
+                        .all(|x| bits[(x / 8) as usize] & (1u8 << (x % 8)) != 0)
+                    {
+                        continue;
                     }
+                    for x in g {
+                        bits[(x / 8) as usize] |= 1u8 << (x % 8);
+                    }
+                    lo = lo.min(b0);
+                    hi = hi.max(b1);
+                    groups.push(grp);
                 }
             }
             if lo != usize::MAX {
                 let g = self.write_bits(&bits, lo, hi)?;
                 for grp in groups {
                     t.gen[grp as usize] = g;
+                    // the region is hot together (kept, then cleared, as one)
+                    t.touch[grp as usize] = now;
                 }
             }
             // the write waits for the map write that set its groups' bits,
@@ -642,6 +667,34 @@ mod tests {
             DirtyMap::open(&p, 8192, 100_000).is_err(),
             "another geometry is refused"
         );
+    }
+
+    #[test]
+    fn a_clean_group_marks_the_clean_groups_of_its_region_in_one_write() {
+        let d = tempfile::tempdir().unwrap();
+        let cs = 4096u64;
+        let group = cs * MARK_GROUP;
+        let region = group * MARK_REGION_MAX;
+        let m = DirtyMap::open(&d.path().join("dirty.map"), cs as u32, region * 64).unwrap();
+        assert!(m.mark(region * 3 + group * 5 + 7, 1).unwrap());
+        assert_eq!(m.dirty_ranges(), vec![region * 3..region * 4]);
+        m.note(region * 3 + group * 5 + 7, 1, 1);
+        // the rest of the region costs nothing now
+        assert!(!m.mark(region * 3 + group * 15, cs).unwrap());
+        m.note(region * 3 + group * 15, cs, 2);
+        // a write across the boundary marks the next region, not a third
+        assert!(m.mark(region * 4 - 1, 2).unwrap());
+        m.note(region * 4 - 1, 2, 3);
+        assert_eq!(m.dirty_ranges(), vec![region * 3..region * 5]);
+        // the groups a mark took along are hot with it: keeping 16 groups
+        // keeps the region marked last (and the group written with it)
+        m.volume_synced(3);
+        assert_eq!(m.clear_acked_keeping(3, 16).unwrap(), 15 * MARK_GROUP);
+        assert_eq!(m.dirty_ranges(), vec![group * 63..region * 5]);
+        // a small volume: a mark takes at most 1/64 of it (here 2 groups)
+        let m = DirtyMap::open(&d.path().join("small.map"), cs as u32, group * 128).unwrap();
+        assert!(m.mark(group * 3, 1).unwrap());
+        assert_eq!(m.dirty_ranges(), vec![group * 2..group * 4]);
     }
 
     #[test]
