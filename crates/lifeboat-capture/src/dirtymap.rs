@@ -58,6 +58,10 @@ pub struct DirtyMap {
     /// every later mark fails too (an fdatasync error is reported once; a
     /// later sync that "succeeds" proves nothing) until the map is reopened.
     failed: std::sync::atomic::AtomicBool,
+    /// Closed cleanly: nothing is written any more (a clear pass still
+    /// finishing after the stop must not write this map's bits over those
+    /// of the map a restart of the volume opened on the same file).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Byte ranges (merged) of the chunks whose bits are set.
@@ -141,10 +145,21 @@ struct Track {
     /// (0: not since the map was opened), for the hot set.
     touch: Vec<u64>,
     marks: u64,
+    /// Groups per region (see [`DirtyMap::mark`]).
+    region: u64,
+    /// Per region: the sequence of the last journal record that touched
+    /// it. A region's groups are cleared only once it holds no record
+    /// newer than the clear's limit, as a group's chunks are: the groups
+    /// a mark took along are not cleared (and marked again) while their
+    /// region is being written.
+    region_seq: Vec<u64>,
 }
 
 impl Track {
     fn new(chunks: u64, bits: &[u8]) -> Track {
+        let groups = chunks.div_ceil(MARK_GROUP);
+        // at most 1/64 of the volume per mark
+        let region = (groups / 64).clamp(1, MARK_REGION_MAX);
         let needs: Vec<u8> = (0..chunks)
             .map(|c| (bits[(c / 8) as usize] >> (c % 8)) & 1)
             .collect();
@@ -155,9 +170,11 @@ impl Track {
             volume_synced: 0,
             volume_sync_seen: false,
             inflight: vec![0; chunks as usize],
-            gen: vec![0; chunks.div_ceil(MARK_GROUP) as usize],
-            touch: vec![0; chunks.div_ceil(MARK_GROUP) as usize],
+            gen: vec![0; groups as usize],
+            touch: vec![0; groups as usize],
             marks: 0,
+            region,
+            region_seq: vec![0; groups.div_ceil(region) as usize],
         }
     }
 
@@ -205,6 +222,7 @@ impl DirtyMap {
                 synced: AtomicU64::new(0),
                 sync_lock: Mutex::new(()),
                 failed: false.into(),
+                closed: false.into(),
             };
             m.check_boot()?;
             return Ok(m);
@@ -238,6 +256,7 @@ impl DirtyMap {
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             failed: false.into(),
+            closed: false.into(),
         };
         m.check_boot()?;
         Ok(m)
@@ -265,6 +284,11 @@ impl DirtyMap {
     /// # Errors
     /// I/O errors.
     pub fn close_clean(&self) -> io::Result<()> {
+        {
+            // after any write in progress (they hold the bits' lock)
+            let _bits = self.bits.lock().unwrap();
+            self.closed.store(true, Ordering::SeqCst);
+        }
         self.file.sync_all()?;
         write_atomic(&self.state, format!("{} clean\n", boot_id()).as_bytes())
     }
@@ -316,7 +340,7 @@ impl DirtyMap {
             let mut groups = Vec::new();
             let chunks = self.header.chunks();
             let ngroups = chunks.div_ceil(MARK_GROUP);
-            let region = (ngroups / 64).clamp(1, MARK_REGION_MAX);
+            let region = t.region;
             for c in r.clone() {
                 let (byte, bit) = ((c / 8) as usize, 1u8 << (c % 8));
                 if bits[byte] & bit != 0 {
@@ -366,6 +390,9 @@ impl DirtyMap {
     /// so the file follows memory in order); returns the write's
     /// generation, for [`DirtyMap::synced_to`]. A failure fails the map.
     fn write_bits(&self, bits: &[u8], lo: usize, hi: usize) -> io::Result<u64> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the dirty map was closed"));
+        }
         if let Err(e) = self
             .file
             .write_all_at(&bits[lo..hi], (HEADER_LEN + lo) as u64)
@@ -441,10 +468,17 @@ impl DirtyMap {
     pub fn note(&self, offset: u64, len: u64, seq: u64) {
         let r = self.chunk_range(offset, len);
         let mut t = self.track.lock().unwrap();
-        for c in r {
+        for c in r.clone() {
             let c = c as usize;
             t.last_seq[c] = t.last_seq[c].max(seq);
             t.inflight[c] = t.inflight[c].saturating_sub(1);
+        }
+        if !r.is_empty() {
+            let per = MARK_GROUP * t.region;
+            for reg in r.start / per..=(r.end - 1) / per {
+                let s = &mut t.region_seq[reg as usize];
+                *s = (*s).max(seq);
+            }
         }
     }
 
@@ -611,7 +645,8 @@ impl DirtyMap {
                     clearable &= t.needs[c] == 0 && t.inflight[c] == 0 && t.last_seq[c] <= upto;
                 }
             }
-            if any && clearable {
+            let reg = g0 / (MARK_GROUP * t.region) as usize;
+            if any && clearable && t.region_seq[reg] <= upto {
                 out.push(g0);
             }
         }
@@ -675,9 +710,25 @@ mod tests {
         let cs = 4096u64;
         let group = cs * MARK_GROUP;
         let region = group * MARK_REGION_MAX;
-        let m = DirtyMap::open(&d.path().join("dirty.map"), cs as u32, region * 64).unwrap();
+        let p = d.path().join("dirty.map");
+        let m = DirtyMap::open(&p, cs as u32, region * 64).unwrap();
+        // a group of region 2 is dirty already: a mark leaves its state alone
+        assert!(m.mark(region * 2 + group, 1).unwrap());
+        m.note(region * 2 + group, 1, 1);
+        assert_eq!(m.dirty_ranges(), vec![region * 2..region * 3]);
+        let writes = m.written.load(Ordering::SeqCst);
         assert!(m.mark(region * 3 + group * 5 + 7, 1).unwrap());
-        assert_eq!(m.dirty_ranges(), vec![region * 3..region * 4]);
+        assert_eq!(
+            m.written.load(Ordering::SeqCst),
+            writes + 1,
+            "one write of the map for the region"
+        );
+        assert_eq!(m.dirty_ranges(), vec![region * 2..region * 4]);
+        assert_eq!(
+            DirtyMap::read_ranges(&p).unwrap(),
+            m.dirty_ranges(),
+            "the region is in the file when the mark returns"
+        );
         m.note(region * 3 + group * 5 + 7, 1, 1);
         // the rest of the region costs nothing now
         assert!(!m.mark(region * 3 + group * 15, cs).unwrap());
@@ -685,12 +736,30 @@ mod tests {
         // a write across the boundary marks the next region, not a third
         assert!(m.mark(region * 4 - 1, 2).unwrap());
         m.note(region * 4 - 1, 2, 3);
+        assert_eq!(m.dirty_ranges(), vec![region * 2..region * 5]);
+        // a region holding a record newer than the limit keeps all its
+        // groups, those taken along too (they are not cleared, then
+        // marked again, while it is being written)
+        m.volume_synced(3);
+        assert_eq!(m.clear_acked_keeping(2, 0).unwrap(), MARK_GROUP * 16);
         assert_eq!(m.dirty_ranges(), vec![region * 3..region * 5]);
         // the groups a mark took along are hot with it: keeping 16 groups
         // keeps the region marked last (and the group written with it)
-        m.volume_synced(3);
         assert_eq!(m.clear_acked_keeping(3, 16).unwrap(), 15 * MARK_GROUP);
         assert_eq!(m.dirty_ranges(), vec![group * 63..region * 5]);
+        // closed cleanly: a late clear writes nothing over the file
+        m.close_clean().unwrap();
+        assert!(m.clear_acked(3).is_err());
+        assert_eq!(
+            DirtyMap::read_ranges(&p).unwrap(),
+            vec![group * 63..region * 5]
+        );
+        // the last region of a volume whose size is not a multiple of the
+        // region (nor of the group) is marked up to the volume's end
+        let size = region * 64 + group * 3 + cs * 5;
+        let m = DirtyMap::open(&d.path().join("odd.map"), cs as u32, size).unwrap();
+        assert!(m.mark(size - 1, 1).unwrap());
+        assert_eq!(m.dirty_ranges(), vec![region * 64..size]);
         // a small volume: a mark takes at most 1/64 of it (here 2 groups)
         let m = DirtyMap::open(&d.path().join("small.map"), cs as u32, group * 128).unwrap();
         assert!(m.mark(group * 3, 1).unwrap());

@@ -130,6 +130,10 @@ struct Inner {
     /// The dirty map may have forgotten changes up to this sequence: the
     /// recovery site acknowledged them (persisted in `journal.cleared`).
     cleared: u64,
+    /// Closed cleanly: `journal.cleared` is not written any more (a clear
+    /// pass finishing after the stop must not write over the value of the
+    /// journal a restart of the volume opened in the same directory).
+    closed: bool,
     /// The memory tail: the newest records, not written to a segment (see
     /// [`Journal::open_with_memory`]). Segments hold the records before it.
     mem: VecDeque<MemRecord>,
@@ -319,6 +323,7 @@ impl Journal {
                 synced: next_seq - 1,
                 floor: read_seq(dir, "journal.floor")?,
                 cleared: read_seq(dir, "journal.cleared")?,
+                closed: false,
                 mem: VecDeque::new(),
                 mem_bytes: 0,
                 budget,
@@ -365,7 +370,7 @@ impl Journal {
     /// I/O errors writing `journal.cleared`.
     pub fn set_cleared(&self, acked: u64) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap();
-        if acked > g.cleared {
+        if acked > g.cleared && !g.closed {
             write_atomic(
                 &self.dir.join("journal.cleared"),
                 acked.to_string().as_bytes(),
@@ -381,6 +386,7 @@ impl Journal {
     /// # Errors
     /// I/O errors.
     pub fn close_clean(&self) -> io::Result<()> {
+        self.inner.lock().unwrap().closed = true;
         self.sync_committed()?;
         write_atomic(
             &self.dir.join("journal.state"),
