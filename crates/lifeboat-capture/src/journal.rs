@@ -1395,7 +1395,12 @@ mod tests {
             j.record(RecordKind::Write, i, 1, b"x", |_| Ok(())).unwrap();
         }
         j.release(3);
+        j.set_cleared(2).unwrap();
         j.close_clean().unwrap();
+        // a clear pass finishing after the stop writes nothing
+        j.set_cleared(3).unwrap();
+        let cleared = std::fs::read_to_string(d.path().join("journal.cleared")).unwrap();
+        assert_eq!(cleared, "2");
         let id = j.id();
         drop(j);
         let j = Journal::open_with_memory(d.path(), 1 << 20).unwrap();
