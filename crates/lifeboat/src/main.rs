@@ -12,14 +12,25 @@ use clap::{Parser, Subcommand};
     name = "lifeboat",
     version,
     about = "Open-source site recovery for Linux: protect block volumes, keep recovery points, copy big images",
-    long_about = "Lifeboat protects block volumes (disk images, block devices, VM disks) by taking \
-recovery points into an encrypted, deduplicated vault on local disk or object storage \
-(S3, Azure Blob, GCS), and restores them; it also copies big sparse images with honest progress.\n\n\
+    long_about = "Lifeboat protects block volumes (disk images, block devices, VM disks): an agent on \
+the primary site serves them (NBD or a FUSE file) and replicates every write over mutual TLS to a \
+server on the recovery site, which keeps hot replicas and cuts recovery points; points go into an \
+encrypted, deduplicated vault on local disk or object storage (S3, Azure Blob, GCS), also by \
+scanning volumes directly, and restore from there. It also copies big sparse images with honest \
+progress.\n\n\
 The vault password comes from LIFEBOAT_PASSWORD or --password-file (never from the command line), \
 or use --key-file.",
     after_help = "Examples:\n  lifeboat demo\n  LIFEBOAT_PASSWORD=s3cret lifeboat vault init /srv/vault\n  \
 LIFEBOAT_PASSWORD=s3cret lifeboat point create /srv/vault --volume disk0=/var/lib/images/vm.raw\n  \
-lifeboat copy vm.raw az://images/vm.raw --verify"
+lifeboat copy vm.raw az://images/vm.raw --verify\n\n\
+Two sites (recovery site first, then the primary):\n  \
+lifeboat server init /srv/lifeboat --vault /srv/vault --site dr1\n  \
+LIFEBOAT_PASSWORD=s3cret lifeboat server run /srv/lifeboat\n  \
+lifeboat server token create /srv/lifeboat --site primary > token\n  \
+lifeboat agent enroll --server dr1:7443 --token-file token --config /etc/lifeboat/agent.toml\n  \
+lifeboat agent run\n  \
+lifeboat protect db --volume disk0=/srv/db.img --nbd-socket /run/lifeboat/db.sock\n  \
+lifeboat status"
 )]
 struct Cli {
     #[command(subcommand)]
