@@ -4,13 +4,13 @@
 //! and an fdatasync of the map (~0.1 ms here, 0.3 ms while the disk is
 //! busy), and a clean chunk marks its whole group of [`MARK_GROUP`] chunks
 //! (4 MiB, DRBD's extent size) and the clean groups of its region (up to
-//! 64 MiB): writes to a group already dirty cost nothing. The map is therefore exact after
-//! a process crash *and* after a machine crash.
+//! 64 MiB): writes to a group already dirty cost nothing. The map is
+//! therefore exact after a process crash *and* after a machine crash.
 //!
 //! Replication clears bits again, a group at a time: a group is cleared
 //! once the recovery site has acknowledged every journal record that
-//! touched its chunks (their last sequences, kept in memory), those writes
-//! are durable in the local volume (a flush, or the agent's own sync before
+//! touched its chunks or its region (their last sequences, kept in
+//! memory), those writes are durable in the local volume (a flush, or the agent's own sync before
 //! clearing: a machine crash can lose a write the recovery site holds, and
 //! that chunk must then be compared), and no resync of it is pending. The
 //! caller keeps recently written groups hot (see the shipper), so a busy
