@@ -9,10 +9,11 @@
 //!
 //! Replication clears bits again, a group at a time: a group is cleared
 //! once the recovery site has acknowledged every journal record that
-//! touched its chunks or its region (their last sequences, kept in
-//! memory), those writes are durable in the local volume (a flush, or the agent's own sync before
-//! clearing: a machine crash can lose a write the recovery site holds, and
-//! that chunk must then be compared), and no resync of it is pending. The
+//! touched its region (their last sequence, kept in memory), those writes
+//! are durable in the local volume (a flush, or the agent's own sync
+//! before clearing: a machine crash can lose a write the recovery site
+//! holds, and that chunk must then be compared), and no resync of it is
+//! pending. The
 //! caller keeps recently written groups hot (see the shipper), so a busy
 //! region is not cleared and re-marked over and over. Bits found set at open
 //! (after a crash or restart) are pending resyncs: they are compared by hash
@@ -64,12 +65,27 @@ pub struct DirtyMap {
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// Whether chunk `c`'s bit is set.
+fn bit(bits: &[u8], c: u64) -> bool {
+    bits[(c / 8) as usize] & (1u8 << (c % 8)) != 0
+}
+
+/// Set (`on`) or clear chunk `c`'s bit.
+fn put_bit(bits: &mut [u8], c: u64, on: bool) {
+    let (b, m) = ((c / 8) as usize, 1u8 << (c % 8));
+    if on {
+        bits[b] |= m;
+    } else {
+        bits[b] &= !m;
+    }
+}
+
 /// Byte ranges (merged) of the chunks whose bits are set.
 fn ranges(h: &DirtyMapHeader, bits: &[u8]) -> Vec<Range<u64>> {
     let cs = h.chunk_size as u64;
     let mut out: Vec<Range<u64>> = Vec::new();
     for c in 0..h.chunks() {
-        if bits[(c / 8) as usize] & (1 << (c % 8)) != 0 {
+        if bit(bits, c) {
             let s = c * cs;
             let e = (s + cs).min(h.size);
             match out.last_mut() {
@@ -123,7 +139,8 @@ pub(crate) fn write_atomic(p: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// In-memory state per chunk for replication.
 struct Track {
-    /// Sequence of the last journal record that touched the chunk.
+    /// Sequence of the last journal record that touched the chunk (which
+    /// chunks to flag when records are dropped).
     last_seq: Vec<u64>,
     /// 0: nothing pending; 1: needs a resync; 2: in the current resync pass.
     needs: Vec<u8>,
@@ -149,9 +166,9 @@ struct Track {
     region: u64,
     /// Per region: the sequence of the last journal record that touched
     /// it. A region's groups are cleared only once it holds no record
-    /// newer than the clear's limit, as a group's chunks are: the groups
-    /// a mark took along are not cleared (and marked again) while their
-    /// region is being written.
+    /// newer than the clear's limit (which covers each group's own
+    /// records): the groups a mark took along are not cleared (and marked
+    /// again) while their region is being written.
     region_seq: Vec<u64>,
 }
 
@@ -160,9 +177,7 @@ impl Track {
         let groups = chunks.div_ceil(MARK_GROUP);
         // at most 1/64 of the volume per mark
         let region = (groups / 64).clamp(1, MARK_REGION_MAX);
-        let needs: Vec<u8> = (0..chunks)
-            .map(|c| (bits[(c / 8) as usize] >> (c % 8)) & 1)
-            .collect();
+        let needs: Vec<u8> = (0..chunks).map(|c| bit(bits, c) as u8).collect();
         Track {
             last_seq: vec![0; chunks as usize],
             pending: needs.iter().filter(|n| **n != 0).count() as u64,
@@ -342,8 +357,7 @@ impl DirtyMap {
             let ngroups = chunks.div_ceil(MARK_GROUP);
             let region = t.region;
             for c in r.clone() {
-                let (byte, bit) = ((c / 8) as usize, 1u8 << (c % 8));
-                if bits[byte] & bit != 0 {
+                if bit(&bits, c) {
                     continue;
                 }
                 // the group and the clean groups of its region: one synced
@@ -352,13 +366,11 @@ impl DirtyMap {
                 for grp in r0..(r0 + region).min(ngroups) {
                     let g = grp * MARK_GROUP..((grp + 1) * MARK_GROUP).min(chunks);
                     let (b0, b1) = ((g.start / 8) as usize, g.end.div_ceil(8) as usize);
-                    if g.clone()
-                        .all(|x| bits[(x / 8) as usize] & (1u8 << (x % 8)) != 0)
-                    {
+                    if g.clone().all(|x| bit(&bits, x)) {
                         continue;
                     }
                     for x in g {
-                        bits[(x / 8) as usize] |= 1u8 << (x % 8);
+                        put_bit(&mut bits, x, true);
                     }
                     lo = lo.min(b0);
                     hi = hi.max(b1);
@@ -495,7 +507,7 @@ impl DirtyMap {
         for c in 0..self.header.chunks() as usize {
             if t.last_seq[c] > acked || t.inflight[c] > 0 {
                 t.flag(c);
-                bits[c / 8] |= 1 << (c % 8);
+                put_bit(&mut bits, c as u64, true);
                 n += 1;
             }
         }
@@ -588,13 +600,12 @@ impl DirtyMap {
         }
         let groups = self.clearable(&bits, &t, acked.min(t.volume_synced), hot);
         let chunks = self.header.chunks() as usize;
-        let set = |bits: &[u8], c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
         let (mut lo, mut hi, mut n) = (usize::MAX, 0usize, 0u64);
         for g0 in groups {
             let g = g0..(g0 + MARK_GROUP as usize).min(chunks);
             for c in g {
-                if set(&bits, c) {
-                    bits[c / 8] &= !(1u8 << (c % 8));
+                if bit(&bits, c as u64) {
+                    put_bit(&mut bits, c as u64, false);
                     lo = lo.min(c / 8);
                     hi = hi.max(c / 8 + 1);
                     n += 1;
@@ -624,7 +635,6 @@ impl DirtyMap {
     /// `upto`, and not among the `hot` groups marked most recently.
     fn clearable(&self, bits: &[u8], t: &Track, upto: u64, hot: usize) -> Vec<usize> {
         let chunks = self.header.chunks() as usize;
-        let set = |c: usize| bits[c / 8] & (1u8 << (c % 8)) != 0;
         // a group's bits are whole bytes (MARK_GROUP is a multiple of 8):
         // an all-zero group costs one look at its bytes
         let empty = |g0: usize| {
@@ -640,11 +650,13 @@ impl DirtyMap {
             let mut any = false;
             let mut clearable = true;
             for c in g {
-                if set(c) {
+                if bit(bits, c as u64) {
                     any = true;
-                    clearable &= t.needs[c] == 0 && t.inflight[c] == 0 && t.last_seq[c] <= upto;
+                    clearable &= t.needs[c] == 0 && t.inflight[c] == 0;
                 }
             }
+            // no record after `upto` touched the group's region (nor so
+            // the group: `note` raises a region's sequence with its chunks')
             let reg = g0 / (MARK_GROUP * t.region) as usize;
             if any && clearable && t.region_seq[reg] <= upto {
                 out.push(g0);

@@ -114,7 +114,34 @@ pub struct Segment<'a> {
 /// check and carries sequence number `expect`; returns it and the bytes it
 /// used. `None` marks the end of the valid records (or a torn tail).
 pub fn decode_record(bytes: &[u8], expect: u64) -> Option<(Record<'_>, usize)> {
-    let h: [u8; RECORD_HEADER_LEN] = bytes.get(..RECORD_HEADER_LEN)?.try_into().ok()?;
+    let h: &[u8; RECORD_HEADER_LEN] = bytes.get(..RECORD_HEADER_LEN)?.try_into().ok()?;
+    let (kind, len, offset, span) = parse_header(h, expect)?;
+    let data = bytes.get(RECORD_HEADER_LEN..span)?;
+    if check(h, data) != h[24..32] {
+        return None;
+    }
+    Some((
+        Record {
+            kind,
+            seq: expect,
+            offset,
+            len,
+            data,
+        },
+        span,
+    ))
+}
+
+/// The bytes the record whose header is `h` takes (header and data), if
+/// the header is plausible for sequence `expect` (its data is not checked:
+/// for skipping records without reading them).
+pub fn record_span(h: &[u8; RECORD_HEADER_LEN], expect: u64) -> Option<usize> {
+    parse_header(h, expect).map(|(.., span)| span)
+}
+
+/// A record header's kind, length and offset, and the bytes the record
+/// takes, if it is plausible for sequence `expect`.
+fn parse_header(h: &[u8; RECORD_HEADER_LEN], expect: u64) -> Option<(RecordKind, u32, u64, usize)> {
     let kind = RecordKind::from_u8(h[0])?;
     let len = u32::from_le_bytes(h[4..8].try_into().ok()?);
     let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
@@ -123,34 +150,7 @@ pub fn decode_record(bytes: &[u8], expect: u64) -> Option<(Record<'_>, usize)> {
     if dlen > MAX_RECORD_DATA || seq != expect || offset.checked_add(len as u64).is_none() {
         return None;
     }
-    let data = bytes.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + dlen as usize)?;
-    if check(&h, data) != h[24..32] {
-        return None;
-    }
-    Some((
-        Record {
-            kind,
-            seq,
-            offset,
-            len,
-            data,
-        },
-        RECORD_HEADER_LEN + dlen as usize,
-    ))
-}
-
-/// The bytes the record whose header is `h` takes (header and data), if
-/// the header is plausible for sequence `expect` (its data is not checked:
-/// for skipping records without reading them).
-pub fn record_span(h: &[u8; RECORD_HEADER_LEN], expect: u64) -> Option<usize> {
-    let kind = RecordKind::from_u8(h[0])?;
-    let len = u32::from_le_bytes(h[4..8].try_into().ok()?);
-    let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
-    let dlen = if kind == RecordKind::Write { len } else { 0 };
-    if dlen > MAX_RECORD_DATA || seq != expect {
-        return None;
-    }
-    Some(RECORD_HEADER_LEN + dlen as usize)
+    Some((kind, len, offset, RECORD_HEADER_LEN + dlen as usize))
 }
 
 /// The first sequence number of a segment, from its header.

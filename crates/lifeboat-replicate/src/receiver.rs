@@ -327,10 +327,8 @@ impl Receiver {
             Ok(recs) => self.apply(recs, io),
             Err(e) => Err(ReceiveError::Protocol(e.to_string())),
         };
-        // a rare large batch does not keep its buffer for the stream's life
-        if scratch.len() <= KEEP_BUFFER {
-            self.scratch = scratch;
-        }
+        self.scratch = scratch;
+        release_if_large(&mut self.scratch);
         res?;
         Ok(vec![self.ack(io, false)?])
     }
@@ -437,7 +435,15 @@ impl Receiver {
 
 /// Buffers up to this size are kept from frame to frame (batches are at
 /// most a few MiB; a larger one, a single large write, is rare).
-pub const KEEP_BUFFER: usize = 8 << 20;
+const KEEP_BUFFER: usize = 8 << 20;
+
+/// Drop a frame buffer over [`KEEP_BUFFER`] (a rare large frame does not
+/// keep its memory for the stream's life); keep a smaller one for reuse.
+pub fn release_if_large(buf: &mut Vec<u8>) {
+    if buf.len() > KEEP_BUFFER {
+        *buf = Vec::new();
+    }
+}
 
 /// A short name of a frame for messages.
 pub fn frame_name(f: &Frame) -> &'static str {

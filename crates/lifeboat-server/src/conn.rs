@@ -481,9 +481,7 @@ where
             }
         }
         answer(wr, res, item, volume).await?;
-        if buf.len() > lifeboat_replicate::receiver::KEEP_BUFFER {
-            buf = Vec::new();
-        }
+        lifeboat_replicate::receiver::release_if_large(&mut buf);
         // parked at a consistency-group cut marker: hold the stream (and,
         // through TCP, the agent) until the point is cut
         if rx.parked().is_some() {

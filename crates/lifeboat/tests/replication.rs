@@ -592,19 +592,8 @@ fn a_machine_crash_compares_the_regions_the_marks_took_along() {
     // are hot (the 256-group hot set holds all 32 of their groups), so
     // exactly they are compared, and the replica converges byte-identical
     std::thread::sleep(Duration::from_secs(7));
-    s.agent.as_mut().unwrap().kill9();
-    let jdir = d.path().join("agent/journals/db/disk0");
-    for f in ["dirty.state", "journal.state"] {
-        std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
-    }
-    s.start_agent();
-    let t = Instant::now();
-    let st = loop {
-        let st = s.converge();
-        if st["consistent"] == true || t.elapsed() > Duration::from_secs(30) {
-            break st;
-        }
-    };
+    s.machine_crash();
+    let st = s.converge_consistent();
     assert_eq!(st["consistent"], true, "{st}");
     assert_eq!(st["resync_chunks_compared"], 8 * 4 * 64, "{st}");
 }
@@ -665,15 +654,8 @@ fn a_machine_crash_under_the_agent_compares_only_the_dirty_chunks() {
     // writes in two 4 MiB groups, then the machine "crashes": the agent dies
     // and its state files say it was left running by another boot
     let jdir = d.path().join("agent/journals/db/disk0");
-    let machine_crash = |s: &mut Sites| {
-        s.agent.as_mut().unwrap().kill9();
-        for f in ["dirty.state", "journal.state"] {
-            std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
-        }
-        s.start_agent();
-    };
     s.qemu_io(&scattered_writes(16, 7));
-    machine_crash(&mut s);
+    s.machine_crash();
     let st = s.converge();
     // the journal started over, the replica continued from the dirty map:
     // its two groups were compared, not the volume's 1,024 chunks
@@ -694,14 +676,8 @@ fn a_machine_crash_under_the_agent_compares_only_the_dirty_chunks() {
     // and nothing else
     let crash_and_settle = |s: &mut Sites| {
         std::thread::sleep(Duration::from_secs(7));
-        machine_crash(s);
-        let t = std::time::Instant::now();
-        loop {
-            let st = s.converge();
-            if st["consistent"] == true || t.elapsed() > Duration::from_secs(30) {
-                break st;
-            }
-        }
+        s.machine_crash();
+        s.converge_consistent()
     };
     let st = crash_and_settle(&mut s);
     assert_eq!(st["consistent"], true, "{st}");

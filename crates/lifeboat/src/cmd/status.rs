@@ -30,12 +30,7 @@ pub fn get(api: &str, path: &str) -> Result<String> {
 /// [`get`] with the API token when one is given (`file`, else
 /// `LIFEBOAT_API_TOKEN`): a server may ask for it on reads too.
 pub fn get_with_token(api: &str, path: &str, file: Option<&std::path::Path>) -> Result<String> {
-    let token = match (file, std::env::var("LIFEBOAT_API_TOKEN")) {
-        (Some(_), _) => Some(api_token(file)?),
-        (None, Ok(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
-        _ => None,
-    };
-    request(api, "GET", path, token.as_deref())
+    request(api, "GET", path, given_api_token(file)?.as_deref())
 }
 
 /// POST (no body) to the API with its token; returns the JSON answer.
@@ -46,18 +41,27 @@ pub fn post(api: &str, path: &str, token: &str) -> Result<String> {
 /// The API token for calls that change state: `LIFEBOAT_API_TOKEN`, or the
 /// file given (the server directory's `api.token`).
 pub fn api_token(file: Option<&std::path::Path>) -> Result<String> {
-    if let Some(f) = file {
-        let t = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read the API token from {}", f.display()))?;
-        return Ok(t.trim().to_string());
-    }
-    match std::env::var("LIFEBOAT_API_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        _ => bail!(
+    match given_api_token(file)? {
+        Some(t) => Ok(t),
+        None => bail!(
             "this call needs the server's API token: --api-token-file SERVER_DIR/api.token \
              or LIFEBOAT_API_TOKEN"
         ),
     }
+}
+
+/// The API token from `file`, else from LIFEBOAT_API_TOKEN, if either
+/// gives one.
+fn given_api_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(f) = file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the API token from {}", f.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    Ok(std::env::var("LIFEBOAT_API_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
 }
 
 fn request(api: &str, method: &str, path: &str, token: Option<&str>) -> Result<String> {

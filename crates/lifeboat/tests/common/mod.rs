@@ -402,4 +402,27 @@ impl Sites {
     pub fn converge(&self) -> Value {
         converge(&self.dir, &self.replica(), || self.status())
     }
+
+    /// The machine "crashes" under the agent: the agent dies (SIGKILL) and
+    /// its state files say another boot left it running; it starts again.
+    pub fn machine_crash(&mut self) {
+        self.agent.as_mut().unwrap().kill9();
+        let jdir = self.dir.join("agent/journals/db/disk0");
+        for f in ["dirty.state", "journal.state"] {
+            std::fs::write(jdir.join(f), "0123-another-boot running\n").unwrap();
+        }
+        self.start_agent();
+    }
+
+    /// [`Sites::converge`] until the replica is also a consistent crash
+    /// state (a resync pass done), or 30 s.
+    pub fn converge_consistent(&self) -> Value {
+        let t = Instant::now();
+        loop {
+            let st = self.converge();
+            if st["consistent"] == true || t.elapsed() > Duration::from_secs(30) {
+                return st;
+            }
+        }
+    }
 }
