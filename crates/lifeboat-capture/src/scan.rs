@@ -222,7 +222,6 @@ fn scan_volume(
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<CaptureError>> = Mutex::new(None);
     let keys = w.vault().keys();
-    let level = w.vault().config().compression_level;
     let read = AtomicU64::new(0);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
@@ -250,10 +249,7 @@ fn scan_volume(
                         }
                         let id = keys.chunk_id(chunk);
                         if !w.contains(&id) {
-                            let sealed = keys.seal(BlobKind::Data, &id.0, chunk, level);
-                            if let Err(e) =
-                                w.add_sealed(BlobKind::Data, id, chunk.len() as u32, sealed)
-                            {
+                            if let Err(e) = w.add(BlobKind::Data, id, chunk) {
                                 *failed.lock().unwrap() = Some(e.into());
                                 return;
                             }

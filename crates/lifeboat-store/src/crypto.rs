@@ -69,44 +69,50 @@ impl Keys {
     /// Compress (if it helps) and seal `data` as a blob of `kind`; `id` is
     /// bound into the AEAD (the chunk id, or zeros for non-chunks).
     pub fn seal(&self, kind: BlobKind, id: &[u8; 32], data: &[u8], level: i32) -> Vec<u8> {
-        let compressed = if level != i32::MIN && !looks_incompressible(data) {
-            // One compression context per thread and level: creating one per
-            // 64 KiB chunk costs more than compressing it.
-            thread_local! {
-                static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
-            }
-            CCTX.with(|c| {
-                let mut c = c.borrow_mut();
-                if c.as_ref().is_none_or(|(l, _)| *l != level) {
-                    *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
-                }
-                c.as_mut().and_then(|(_, z)| z.compress(data).ok())
-            })
-        } else {
-            None
-        };
-        let (comp, payload): (Compression, &[u8]) = match &compressed {
-            // Keep compression only when it saves at least 1/32.
-            Some(c) if c.len() + data.len() / 32 < data.len() => (Compression::Zstd, c),
-            _ => (Compression::None, data),
-        };
+        let mut out = Vec::new();
+        self.seal_into(kind, id, data, level, &mut out);
+        out
+    }
+
+    /// [`Keys::seal`], appending the sealed blob to `out` (a pack being
+    /// filled): zstd compresses straight into `out` and AES-GCM encrypts it
+    /// there, so the payload is written once. Returns the blob's length.
+    pub fn seal_into(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        data: &[u8],
+        level: i32,
+        out: &mut Vec<u8>,
+    ) -> usize {
+        let start = out.len();
         let nonce = random_bytes::<NONCE_LEN>();
-        // One buffer, one copy of the payload: header, then encrypt the
-        // inner part in place and append the tag.
-        let mut out = Vec::with_capacity(OUTER_HEADER_LEN + 5 + payload.len() + TAG_LEN);
+        let bound = zstd::zstd_safe::compress_bound(data.len());
+        out.reserve(OUTER_HEADER_LEN + INNER_HEADER_LEN + bound.max(data.len()) + TAG_LEN);
         out.extend_from_slice(&sealed_header(kind, &nonce));
-        out.extend_from_slice(&inner_header(comp, data.len() as u32));
-        out.extend_from_slice(payload);
+        let inner = out.len();
+        out.extend_from_slice(&inner_header(Compression::Zstd, data.len() as u32));
+        let payload = out.len();
+        let compressed = level != i32::MIN
+            && !looks_incompressible(data)
+            && compress_append(data, level, out)
+            // Keep compression only when it saves at least 1/32.
+            && (out.len() - payload) + data.len() / 32 < data.len();
+        if !compressed {
+            out.truncate(inner);
+            out.extend_from_slice(&inner_header(Compression::None, data.len() as u32));
+            out.extend_from_slice(data);
+        }
         let tag = self
             .aead
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(associated_data(kind, id)),
-                &mut out[OUTER_HEADER_LEN..],
+                &mut out[start + OUTER_HEADER_LEN..],
             )
             .expect("AES-GCM seal");
         out.extend_from_slice(tag.as_ref());
-        out
+        out.len() - start
     }
 
     /// Open a sealed blob of `kind` bound to `id` and decompress it.
@@ -170,6 +176,33 @@ impl Keys {
             }
         }
     }
+}
+
+/// Compress `data` with zstd at `level`, appending to `out` (whose spare
+/// capacity holds the compression bound). One context per thread and level:
+/// creating one per 64 KiB chunk costs more than compressing it. False if
+/// zstd failed (`out` is then unchanged in length).
+fn compress_append(data: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+    }
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+        }
+        let Some((_, z)) = c.as_mut() else {
+            return false;
+        };
+        let len = out.len();
+        let mut cur = std::io::Cursor::new(&mut *out);
+        cur.set_position(len as u64);
+        let ok = z.compress_to_buffer(data, &mut cur).is_ok();
+        if !ok {
+            out.truncate(len);
+        }
+        ok
+    })
 }
 
 /// A cheap guess that zstd would not shrink `data`: the byte entropy of two
@@ -333,6 +366,44 @@ mod tests {
             let s = k.seal(BlobKind::Data, &id.0, d, 1);
             assert_eq!(k.open(BlobKind::Data, &id.0, &s, "x").unwrap(), d);
         }
+    }
+
+    #[test]
+    fn seal_into_appends_blobs_one_after_another() {
+        // as a pack is filled: each blob appended after the last, the
+        // bytes before it untouched, whatever path the payload took (zstd
+        // into the buffer, raw after a failed entropy guess, too little
+        // gain, compression off)
+        let k = Keys::from_master(&[4; 32], "v");
+        let mut random = vec![0u8; 65536];
+        getrandom::fill(&mut random).unwrap();
+        let text = b"every write reaches the recovery site ".repeat(2000);
+        let mut half = random[..32768].to_vec();
+        half.extend_from_slice(&text[..32768]);
+        let mut out = b"PACKHEAD".to_vec();
+        let mut at = Vec::new();
+        for (d, level) in [
+            (&text[..], 1),
+            (&random[..], 1),
+            (&half[..], 1),
+            (&text[..100], 1),
+            (&text[..], i32::MIN),
+            (&[][..], 1),
+        ] {
+            let id = k.chunk_id(d);
+            let start = out.len();
+            let n = k.seal_into(BlobKind::Data, &id.0, d, level, &mut out);
+            assert_eq!(out.len(), start + n);
+            at.push((start, n, d, id));
+        }
+        assert_eq!(&out[..8], b"PACKHEAD");
+        for (start, n, d, id) in at {
+            let blob = &out[start..start + n];
+            assert_eq!(k.open(BlobKind::Data, &id.0, blob, "x").unwrap(), d);
+        }
+        // the text was compressed, the random data not
+        assert!(k.seal(BlobKind::Data, &[0; 32], &text, 1).len() < text.len() / 4);
+        assert!(k.seal(BlobKind::Data, &[0; 32], &random, 1).len() > random.len());
     }
 
     #[test]

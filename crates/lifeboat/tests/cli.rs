@@ -296,6 +296,9 @@ fn corrupt_chunk_is_named_and_restore_leaves_destination_alone() {
     let mut bytes = std::fs::read(big).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
+    // and one in its trailer (the sealed index at the end of the pack)
+    let end = bytes.len() - 40;
+    bytes[end] ^= 0x55;
     std::fs::write(big, &bytes).unwrap();
 
     // the cheap check does not read data; --read-data finds the damage
@@ -306,6 +309,7 @@ fn corrupt_chunk_is_named_and_restore_leaves_destination_alone() {
         out.contains(&format!("DAMAGED: point {id} volume disk0 offset")),
         "{out}"
     );
+    assert!(out.contains("pack trailer: authentication failed"), "{out}");
 
     let dst = e.p("restored.raw");
     std::fs::write(&dst, b"previous").unwrap();

@@ -120,14 +120,18 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Write `data` (a multiple of 4 KiB long) at `off` (4 KiB-aligned) to a
-/// file opened with O_DIRECT, through a reused 4 KiB-aligned bounce buffer
-/// of this thread.
+/// file opened with O_DIRECT: straight from `data` when it is 4 KiB-aligned
+/// in memory (a pack buffer), otherwise through a reused 4 KiB-aligned
+/// bounce buffer of this thread.
 ///
 /// # Errors
 /// I/O errors; EINVAL where the file system refuses direct I/O.
 pub fn direct_write_at(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     debug_assert!(data.len().is_multiple_of(ALIGN) && off.is_multiple_of(ALIGN as u64));
+    if data.as_ptr().align_offset(ALIGN) == 0 {
+        return f.write_all_at(data, off);
+    }
     BOUNCE.with(|b| {
         let mut b = b.borrow_mut();
         const STEP: usize = 4 << 20;
