@@ -230,5 +230,42 @@ mod tests {
             let _ = parse_sealed(&bytes);
             let _ = parse_inner(&bytes);
         }
+
+        /// However the data is split into parts, the guess is the same as
+        /// for the whole: random bytes look incompressible, a low-entropy
+        /// stretch anywhere a sample falls does not.
+        #[test]
+        fn incompressible_guess_ignores_the_split(
+            seed in any::<u64>(),
+            cuts in proptest::collection::vec(0usize..65536, 0..6),
+            low_at in proptest::option::of(0usize..8),
+        ) {
+            let mut x = seed | 1;
+            let mut data: Vec<u8> = (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if let Some(k) = low_at {
+                // one sample's window (of 8, every 8 KiB) of ASCII digits
+                for b in &mut data[k * 8192..k * 8192 + 4096] {
+                    *b = b'0' + *b % 10;
+                }
+            }
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let mut parts: Vec<&[u8]> = Vec::new();
+            let mut prev = 0;
+            for c in cuts.into_iter().chain([data.len()]) {
+                parts.push(&data[prev..c.max(prev)]);
+                prev = c.max(prev);
+            }
+            let whole = looks_incompressible(&[&data], 8);
+            prop_assert_eq!(whole, low_at.is_none());
+            prop_assert_eq!(looks_incompressible(&parts, 8), whole);
+        }
     }
 }
