@@ -246,7 +246,7 @@ fn write_chunks(
     // kernel, which costs more than the writes.
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<CaptureError>> = Mutex::new(None);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(8);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Run>(8);
     std::thread::scope(|s| {
         let failed = &failed;
         s.spawn(move || {
@@ -257,7 +257,8 @@ fn write_chunks(
             // last started: overlapping writeback with decoding keeps the
             // final fsync short.
             let (mut pending, mut lo, mut hi) = (0u64, u64::MAX, 0u64);
-            for (off, buf) in rx {
+            for run in rx {
+                let (off, buf) = (run.off, run.data());
                 if failed.lock().unwrap().is_some() {
                     continue; // drain
                 }
@@ -265,7 +266,7 @@ fn write_chunks(
                     if off.is_multiple_of(DIRECT_ALIGN as u64)
                         && buf.len().is_multiple_of(DIRECT_ALIGN)
                     {
-                        match direct_write_at(d, &buf, off) {
+                        match direct_write_at(d, buf, off) {
                             Ok(()) => {
                                 progress.advance(buf.len() as u64);
                                 continue;
@@ -279,7 +280,7 @@ fn write_chunks(
                         }
                     }
                 }
-                if let Err(e) = f.write_all_at(&buf, off) {
+                if let Err(e) = f.write_all_at(buf, off) {
                     *failed.lock().unwrap() = Some(CaptureError::io(path, "write", e));
                     continue;
                 }
@@ -296,15 +297,18 @@ fn write_chunks(
         for _ in 0..threads.max(1) {
             let tx = tx.clone();
             let (next, work) = (&next, &work);
-            s.spawn(move || loop {
-                if failed.lock().unwrap().is_some() {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(w) = work.get(i) else { return };
-                if let Err(e) = restore_pack(vault, ix, w, needed_by, &tx) {
-                    *failed.lock().unwrap() = Some(e);
-                    return;
+            s.spawn(move || {
+                let mut plain = Vec::new();
+                loop {
+                    if failed.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(w) = work.get(i) else { return };
+                    if let Err(e) = restore_pack(vault, ix, w, needed_by, &tx, &mut plain) {
+                        *failed.lock().unwrap() = Some(e);
+                        return;
+                    }
                 }
             });
         }
@@ -327,7 +331,8 @@ fn restore_pack(
     ix: &FixedIndex,
     w: &PackWork,
     needed_by: &str,
-    tx: &std::sync::mpsc::SyncSender<(u64, Vec<u8>)>,
+    tx: &std::sync::mpsc::SyncSender<Run>,
+    plain: &mut Vec<u8>,
 ) -> Result<()> {
     let key = pack_key(&w.pack);
     let needed: u64 = w.blobs.iter().map(|b| b.1.len as u64).sum();
@@ -339,7 +344,7 @@ fn restore_pack(
         .unwrap_or(0);
     // One ranged read over the span when at least half of it is needed;
     // otherwise one read per blob.
-    let span: Option<Vec<u8>> = if needed * 2 >= last - first {
+    let mut span: Option<Vec<u8>> = if needed * 2 >= last - first {
         Some(
             vault
                 .backend()
@@ -349,15 +354,16 @@ fn restore_pack(
     } else {
         None
     };
-    // (position, index of the decoded chunk)
+    // The pack's chunks decrypted where they were read and decompressed
+    // into one buffer, one after another: (position, start in `plain`).
     let mut places: Vec<(usize, usize)> = Vec::new();
-    let mut plains: Vec<Vec<u8>> = Vec::with_capacity(w.blobs.len());
+    plain.clear();
     for (id, loc, pos) in &w.blobs {
-        let raw_owned;
-        let raw: &[u8] = match &span {
+        let mut raw_owned;
+        let raw: &mut [u8] = match &mut span {
             Some(s) => {
                 let a = (loc.offset - first) as usize;
-                s.get(a..a + loc.len as usize).ok_or_else(|| {
+                s.get_mut(a..a + loc.len as usize).ok_or_else(|| {
                     StoreError::Corrupt(format!("pack {} is shorter than its index says", w.pack))
                 })?
             }
@@ -366,49 +372,81 @@ fn restore_pack(
                     .backend()
                     .get_range(&key, loc.offset..loc.offset + loc.len as u64)
                     .map_err(|e| missing(e, &w.pack, needed_by))?;
-                &raw_owned
+                &mut raw_owned
             }
         };
         let where_ = format!(
             "{needed_by} at offset {}",
             pos[0] as u64 * ix.chunk_size as u64
         );
-        let plain = vault.open_blob(id, loc.kind, raw, &where_)?;
+        let at = plain.len();
+        let n = vault.open_blob_append(id, loc.kind, raw, &where_, plain)?;
         for p in pos {
             let r = ix.range(*p);
-            if (plain.len() as u64) < r.end - r.start {
+            if (n as u64) < r.end - r.start {
                 return Err(StoreError::Corrupt(format!(
                     "chunk {id} is shorter than its place in {needed_by}"
                 ))
                 .into());
             }
-            places.push((*p, plains.len()));
+            places.push((*p, at));
         }
-        plains.push(plain);
     }
     // Coalesce contiguous positions into runs of up to RUN_MAX bytes.
     places.sort_unstable();
-    let mut run: Vec<u8> = Vec::new();
-    let mut run_start = 0u64;
-    for (p, k) in places {
+    let mut run = Run::default();
+    for (p, at) in places {
         let r = ix.range(p);
         let n = (r.end - r.start) as usize;
-        if !run.is_empty() && (run_start + run.len() as u64 != r.start || run.len() + n > RUN_MAX) {
-            let full = std::mem::take(&mut run);
-            if tx.send((run_start, full)).is_err() {
+        if !run.is_empty() && (run.end() != r.start || run.len() + n > RUN_MAX) {
+            if tx.send(std::mem::take(&mut run)).is_err() {
                 return Ok(()); // the writer stopped on an error it reports
             }
         }
         if run.is_empty() {
-            run_start = r.start;
-            run.reserve(RUN_MAX);
+            run = Run::new(r.start);
         }
-        run.extend_from_slice(&plains[k][..n]);
+        run.buf.extend_from_slice(&plain[at..at + n]);
     }
     if !run.is_empty() {
-        let _ = tx.send((run_start, run));
+        let _ = tx.send(run);
     }
     Ok(())
+}
+
+/// Contiguous plaintext for the writer: `buf[skip..]` goes at `off`. The
+/// bytes start 4 KiB-aligned in memory, so O_DIRECT writes them without a
+/// bounce copy.
+#[derive(Default)]
+struct Run {
+    off: u64,
+    buf: Vec<u8>,
+    skip: usize,
+}
+
+impl Run {
+    fn new(off: u64) -> Run {
+        let mut buf: Vec<u8> = Vec::with_capacity(RUN_MAX + DIRECT_ALIGN);
+        let skip = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        buf.resize(skip, 0);
+        Run { off, buf, skip }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.skip..]
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.skip
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn end(&self) -> u64 {
+        self.off + self.len() as u64
+    }
 }
 
 fn missing(e: lifeboat_store::BackendError, pack: &PackId, needed_by: &str) -> CaptureError {

@@ -127,6 +127,27 @@ impl Keys {
         sealed: &[u8],
         what: &str,
     ) -> Result<Vec<u8>, StoreError> {
+        let mut buf = sealed.to_vec();
+        let mut out = Vec::new();
+        self.open_append(kind, id, &mut buf, what, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Keys::open`], decrypting `sealed` where it lies (its bytes are
+    /// left as plaintext) and appending the plaintext to `out`: zstd
+    /// decompresses straight into `out`. Returns the plaintext's length;
+    /// on error `out` keeps its length.
+    ///
+    /// # Errors
+    /// As [`Keys::open`].
+    pub fn open_append(
+        &self,
+        kind: BlobKind,
+        id: &[u8; 32],
+        sealed: &mut [u8],
+        what: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, StoreError> {
         let parts = parse_sealed(sealed)?;
         if parts.kind != kind {
             return Err(StoreError::Corrupt(format!(
@@ -134,47 +155,50 @@ impl Keys {
                 parts.kind
             )));
         }
-        let mut buf = parts.ciphertext.to_vec();
+        let nonce = parts.nonce;
+        let at = sealed.len() - parts.ciphertext.len();
         let plain = self
             .aead
             .open_in_place(
-                Nonce::assume_unique_for_key(parts.nonce),
+                Nonce::assume_unique_for_key(nonce),
                 Aad::from(associated_data(kind, id)),
-                &mut buf,
+                &mut sealed[at..],
             )
             .map_err(|_| StoreError::Decrypt(what.to_string()))?;
-        let plain_len = plain.len();
         let (comp, raw_len, payload) = parse_inner(plain)?;
         match comp {
-            Compression::None => {
-                // Reuse the decryption buffer: drop the header and the tag.
-                buf.truncate(plain_len);
-                buf.drain(..INNER_HEADER_LEN);
-                Ok(buf)
-            }
+            Compression::None => out.extend_from_slice(payload),
             Compression::Zstd => {
                 thread_local! {
                     static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
                 }
-                let out = DCTX
+                let start = out.len();
+                out.reserve(raw_len as usize);
+                let n = DCTX
                     .with(|d| {
                         let mut d = d.borrow_mut();
                         if d.is_none() {
                             *d = Some(zstd::bulk::Decompressor::new()?);
                         }
+                        let mut cur = std::io::Cursor::new(&mut *out);
+                        cur.set_position(start as u64);
                         d.as_mut()
                             .expect("set above")
-                            .decompress(payload, raw_len as usize)
+                            .decompress_to_buffer(payload, &mut cur)
                     })
-                    .map_err(|e| StoreError::Corrupt(format!("{what}: cannot decompress: {e}")))?;
-                if out.len() != raw_len as usize {
+                    .map_err(|e| {
+                        out.truncate(start);
+                        StoreError::Corrupt(format!("{what}: cannot decompress: {e}"))
+                    })?;
+                if n != raw_len as usize {
+                    out.truncate(start);
                     return Err(StoreError::Corrupt(format!(
                         "{what}: decompressed length differs"
                     )));
                 }
-                Ok(out)
             }
         }
+        Ok(raw_len as usize)
     }
 }
 
@@ -397,10 +421,32 @@ mod tests {
             at.push((start, n, d, id));
         }
         assert_eq!(&out[..8], b"PACKHEAD");
-        for (start, n, d, id) in at {
+        // opened where they lie, appended one after another
+        let mut plain = b"RUN".to_vec();
+        for &(start, n, d, id) in &at {
             let blob = &out[start..start + n];
             assert_eq!(k.open(BlobKind::Data, &id.0, blob, "x").unwrap(), d);
+            let mut copy = blob.to_vec();
+            let before = plain.len();
+            let got = k
+                .open_append(BlobKind::Data, &id.0, &mut copy, "x", &mut plain)
+                .unwrap();
+            assert_eq!(got, d.len());
+            assert_eq!(&plain[before..], d);
         }
+        // a damaged blob, or another chunk's id: an error, `out` unchanged
+        let (start, n, _, id) = at[0];
+        let len = plain.len();
+        let mut bad = out[start..start + n].to_vec();
+        bad[n / 2] ^= 1;
+        assert!(k
+            .open_append(BlobKind::Data, &id.0, &mut bad, "x", &mut plain)
+            .is_err());
+        let mut other = out[start..start + n].to_vec();
+        assert!(k
+            .open_append(BlobKind::Data, &[7; 32], &mut other, "x", &mut plain)
+            .is_err());
+        assert_eq!(plain.len(), len);
         // the text was compressed, the random data not
         assert!(k.seal(BlobKind::Data, &[0; 32], &text, 1).len() < text.len() / 4);
         assert!(k.seal(BlobKind::Data, &[0; 32], &random, 1).len() > random.len());

@@ -420,6 +420,33 @@ impl Vault {
         Ok(plain)
     }
 
+    /// [`Vault::open_blob`], decrypting `raw` where it lies and appending
+    /// the plaintext to `out` (see [`crypto::Keys::open_append`]). Returns
+    /// the plaintext's length; on error `out` keeps its length.
+    ///
+    /// # Errors
+    /// As [`Vault::open_blob`].
+    pub fn open_blob_append(
+        &self,
+        id: &ChunkId,
+        kind: BlobKind,
+        raw: &mut [u8],
+        needed_by: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<usize> {
+        let what = || format!("chunk {} ({needed_by})", &id.to_hex()[..16]);
+        let start = out.len();
+        let n = self.keys.open_append(kind, &id.0, raw, &what(), out)?;
+        if self.keys.chunk_id(&out[start..]) != *id {
+            out.truncate(start);
+            return Err(StoreError::Corrupt(format!(
+                "{}: content does not match its id",
+                what()
+            )));
+        }
+        Ok(n)
+    }
+
     /// Store a fixed index as `Index` pieces through `w`; returns the piece ids.
     ///
     /// # Errors
