@@ -398,10 +398,9 @@ fn restore_pack(
     for (p, at) in places {
         let r = ix.range(p);
         let n = (r.end - r.start) as usize;
-        if !run.is_empty() && (run.end() != r.start || run.len() + n > RUN_MAX) {
-            if tx.send(std::mem::take(&mut run)).is_err() {
-                return Ok(()); // the writer stopped on an error it reports
-            }
+        let ends = !run.is_empty() && (run.end() != r.start || run.len() + n > RUN_MAX);
+        if ends && tx.send(std::mem::take(&mut run)).is_err() {
+            return Ok(()); // the writer stopped on an error it reports
         }
         if run.is_empty() {
             run = Run::new(r.start);
