@@ -118,11 +118,20 @@ pub fn run(c: DebugCmd) -> Result<()> {
             let keys = lifeboat_store::crypto::Keys::from_master(&[7; 32], "bench");
             let t = std::time::Instant::now();
             let mut stored = 0usize;
+            // sealed into a reused pack-sized buffer, as the pack writer does
+            let mut pack: Vec<u8> = Vec::with_capacity(17 << 20);
             for c in data.chunks(chunk_size as usize) {
                 let id = keys.chunk_id(c);
-                stored += keys
-                    .seal(lifeboat_format::blob::BlobKind::Data, &id.0, c, level)
-                    .len();
+                if pack.len() >= 16 << 20 {
+                    pack.clear();
+                }
+                stored += keys.seal_into(
+                    lifeboat_format::blob::BlobKind::Data,
+                    &id.0,
+                    c,
+                    level,
+                    &mut pack,
+                );
             }
             let secs = t.elapsed().as_secs_f64();
             println!(
