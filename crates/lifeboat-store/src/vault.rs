@@ -762,6 +762,17 @@ impl PackBuf {
     fn len(&self) -> usize {
         self.data.len() - self.start
     }
+
+    /// Append the blobs of `other` (their sealed bytes, unchanged).
+    fn absorb(&mut self, other: &PackBuf) {
+        for e in &other.entries {
+            let at = e.offset as usize;
+            let offset = self.len() as u64;
+            self.data
+                .extend_from_slice(&other.pack()[at..at + e.len as usize]);
+            self.entries.push(PackEntry { offset, ..*e });
+        }
+    }
 }
 
 /// Collects sealed blobs into packs and uploads them; safe to share between
@@ -952,11 +963,17 @@ impl PackWriter {
     /// # Errors
     /// Backend errors of any upload.
     pub fn flush(&self) -> Result<WriteStats> {
-        let bufs = std::mem::take(&mut *self.bufs.lock().unwrap());
-        for b in bufs {
-            if !b.entries.is_empty() {
-                self.send(b)?;
+        // The threads' partly filled packs go out as one: a small point
+        // leaves one small pack, not one per thread.
+        let mut bufs = std::mem::take(&mut *self.bufs.lock().unwrap());
+        bufs.retain(|b| !b.entries.is_empty());
+        bufs.sort_by_key(|b| std::cmp::Reverse(b.len()));
+        let mut bufs = bufs.into_iter();
+        if let Some(mut last) = bufs.next() {
+            for other in bufs {
+                last.absorb(&other);
             }
+            self.send(last)?;
         }
         self.tx.lock().unwrap().take();
         for t in self.uploaders.lock().unwrap().drain(..) {
