@@ -949,7 +949,11 @@ impl PackWriter {
         match tx {
             Some(tx) => {
                 if tx.send(b).is_err() {
-                    return Err(StoreError::Invalid("pack uploaders stopped".into()));
+                    // the pack's chunks stay claimed: nothing may be
+                    // written that counts on them
+                    let msg = "pack uploaders stopped";
+                    self.shared.failed.lock().unwrap().get_or_insert(msg.into());
+                    return Err(StoreError::Invalid(msg.into()));
                 }
                 Ok(())
             }
@@ -963,21 +967,35 @@ impl PackWriter {
     /// # Errors
     /// Backend errors of any upload.
     pub fn flush(&self) -> Result<WriteStats> {
-        // The threads' partly filled packs go out as one: a small point
-        // leaves one small pack, not one per thread.
+        // The threads' partly filled packs go out merged (up to the pack
+        // size): a small point leaves one small pack, not one per thread.
         let mut bufs = std::mem::take(&mut *self.bufs.lock().unwrap());
         bufs.retain(|b| !b.entries.is_empty());
         bufs.sort_by_key(|b| std::cmp::Reverse(b.len()));
-        let mut bufs = bufs.into_iter();
-        if let Some(mut last) = bufs.next() {
-            for other in bufs {
-                last.absorb(&other);
-            }
-            self.send(last)?;
+        let pack_size = self.shared.vault.config.pack_size as usize;
+        let mut merged: Option<PackBuf> = None;
+        for b in bufs {
+            merged = match merged {
+                Some(mut m) if m.len() + b.len() <= pack_size => {
+                    m.absorb(&b);
+                    Some(m)
+                }
+                Some(m) => {
+                    self.send(m)?;
+                    Some(b)
+                }
+                None => Some(b),
+            };
+        }
+        if let Some(m) = merged {
+            self.send(m)?;
         }
         self.tx.lock().unwrap().take();
         for t in self.uploaders.lock().unwrap().drain(..) {
-            let _ = t.join();
+            if t.join().is_err() {
+                let msg = "a pack uploader panicked";
+                self.shared.failed.lock().unwrap().get_or_insert(msg.into());
+            }
         }
         self.check()?;
         Ok(self.stats())
@@ -1012,16 +1030,17 @@ impl WriterShared {
         }
         let keys = &self.vault.keys;
         let index = encode_pack_index(&b.entries);
-        // The trailer is bound to nothing but its kind (the index object
-        // binds the id).
-        let trailer = keys.seal(BlobKind::PackIndex, &[0; 32], &index, 1);
+        // A pack is named by a random id, not by a hash of its bytes: each
+        // blob in it is authenticated by AES-GCM, and so is the trailer,
+        // bound to the id (`vault verify --read-data` opens them all and
+        // compares the trailer with the index object); hashing every pack
+        // once more cost 5 % of a point's CPU. (Packs written before
+        // 2026-11-30 are named by their BLAKE3 and their trailer is bound
+        // to the zero id.)
+        let pack = PackId(crypto::random_bytes::<32>());
+        let trailer = keys.seal(BlobKind::PackIndex, &pack.0, &index, 1);
         b.data.extend_from_slice(&trailer);
         b.data.extend_from_slice(&pack_tail(trailer.len() as u32));
-        // A pack is named by a random id, not by a hash of its bytes: each
-        // blob in it and its trailer are authenticated by AES-GCM already
-        // (`vault verify --read-data` checks them), and hashing every pack
-        // once more cost 5 % of a point's CPU.
-        let pack = PackId(crypto::random_bytes::<32>());
         let backend = &self.vault.backend;
         backend.put(&pack_key(&pack), b.pack())?;
         let sealed_index = keys.seal(BlobKind::PackIndex, &pack.0, &index, 1);

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use lifeboat_format::blob::BlobKind;
-use lifeboat_format::pack::pack_trailer;
+use lifeboat_format::pack::{decode_pack_index, pack_trailer, PackEntry};
 use lifeboat_format::{ChunkId, PackId};
 use serde::Serialize;
 
@@ -106,7 +106,12 @@ pub fn verify(
         for (id, loc) in index {
             by_pack.entry(loc.pack).or_default().push((id, loc));
         }
-        for (pack, blobs) in by_pack {
+        // every pack there is (one whose blobs the index uses nowhere too)
+        // and every pack the index points to
+        let mut all: Vec<PackId> = packs.iter().copied().collect();
+        all.extend(by_pack.keys().filter(|p| !packs.contains(p)));
+        for pack in all {
+            let blobs = by_pack.remove(&pack).unwrap_or_default();
             let raw = match vault.backend().get(&pack_key(&pack)) {
                 Ok(raw) => raw,
                 Err(e) => {
@@ -118,46 +123,89 @@ pub fn verify(
             };
             r.bytes_read += raw.len() as u64;
             progress(raw.len() as u64);
-            // Every byte of a pack is in a blob or the trailer, each
-            // authenticated by AES-GCM: opening them all checks the pack.
-            let trailer = pack_trailer(&raw)
-                .map_err(|e| format!("pack trailer: {e}"))
-                .and_then(|t| {
-                    vault
-                        .keys()
-                        .open(BlobKind::PackIndex, &[0; 32], t, "pack trailer")
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(e) = trailer {
+            let mut pack_problem = |message: String| {
                 r.problems.push(Problem {
                     point: None,
                     volume: None,
                     offset: None,
                     object: Some(pack_key(&pack)),
-                    message: e,
+                    message,
+                })
+            };
+            // Every byte of a pack is in a blob or the trailer, each
+            // authenticated by AES-GCM: opening them all checks the pack.
+            // The trailer lists every blob (copies the index does not use
+            // included) and is bound to the pack id (to the zero id in
+            // packs written before 2026-11-30).
+            let listed = pack_trailer(&raw)
+                .map_err(|e| format!("pack trailer: {e}"))
+                .and_then(|t| {
+                    let keys = vault.keys();
+                    keys.open(BlobKind::PackIndex, &pack.0, t, "pack trailer")
+                        .or_else(|_| keys.open(BlobKind::PackIndex, &[0; 32], t, "pack trailer"))
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|plain| {
+                    decode_pack_index(&plain).map_err(|e| format!("pack trailer: {e}"))
                 });
+            let mut listed = match listed {
+                Ok(entries) => {
+                    match vault.load_pack_index(&pack) {
+                        Ok(ix) if ix == entries => {}
+                        Ok(_) => {
+                            pack_problem("the pack's trailer and its index object differ".into())
+                        }
+                        Err(e) => pack_problem(format!("index object: {e}")),
+                    }
+                    entries
+                }
+                Err(e) => {
+                    pack_problem(e);
+                    Vec::new()
+                }
+            };
+            // the blobs the index uses, where the trailer does not list them
+            let known: HashSet<(ChunkId, u64)> = listed.iter().map(|e| (e.id, e.offset)).collect();
+            for (id, loc) in &blobs {
+                if !known.contains(&(*id, loc.offset)) {
+                    listed.push(PackEntry {
+                        id: *id,
+                        kind: loc.kind,
+                        offset: loc.offset,
+                        len: loc.len,
+                        raw_len: 0,
+                    });
+                }
             }
-            for (id, loc) in blobs {
+            let used: HashSet<(ChunkId, u64)> =
+                blobs.iter().map(|(id, loc)| (*id, loc.offset)).collect();
+            for e in listed {
                 r.blobs_read += 1;
-                let end = loc.offset + loc.len as u64;
+                let end = e.offset + e.len as u64;
                 let res = if end as usize > raw.len() {
                     Err(format!(
                         "blob at {}..{end} lies past the end of pack {pack}",
-                        loc.offset
+                        e.offset
                     ))
                 } else {
                     vault
                         .open_blob(
-                            &id,
-                            loc.kind,
-                            &raw[loc.offset as usize..end as usize],
+                            &e.id,
+                            e.kind,
+                            &raw[e.offset as usize..end as usize],
                             "verify",
                         )
                         .map(|_| ())
                         .map_err(|e| e.to_string())
                 };
-                if let Err(m) = res {
-                    bad.insert(id, m);
+                match res {
+                    Err(m) if used.contains(&(e.id, e.offset)) => {
+                        bad.insert(e.id, m);
+                    }
+                    Err(m) => {
+                        pack_problem(format!("a copy of a chunk the index does not use: {m}"))
+                    }
+                    Ok(()) => {}
                 }
             }
         }

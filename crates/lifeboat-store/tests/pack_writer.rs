@@ -74,3 +74,85 @@ fn threads_fill_their_own_packs_and_the_rest_leaves_as_one() {
         assert_eq!(&v.read_chunk(id, "test").unwrap(), d);
     }
 }
+
+/// Every blob of a pack is checked by `verify --read-data`, the copies the
+/// index does not use included; a trailer that disagrees with the pack's
+/// index object is named.
+#[test]
+fn verify_opens_every_blob_a_pack_lists() {
+    use lifeboat_store::vault::{index_key, pack_key};
+    use lifeboat_store::verify::verify;
+    let v = vault();
+    let d = data(9, 9);
+    let id = v.keys().chunk_id(&d);
+    // two writers at once store the same chunk: two packs hold it
+    let (_l1, w1) = v.begin_write().unwrap();
+    let (_l2, w2) = v.begin_write().unwrap();
+    assert!(w1.add(BlobKind::Data, id, &d).unwrap());
+    assert!(w2.add(BlobKind::Data, id, &d).unwrap());
+    let other = data(1, 2);
+    let other_id = v.keys().chunk_id(&other);
+    assert!(w2.add(BlobKind::Data, other_id, &other).unwrap());
+    w1.flush().unwrap();
+    w2.flush().unwrap();
+    let r = verify(&v, true, |_| {}).unwrap();
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.blobs_read, 3);
+
+    // damage the copy the index does not use
+    let used = v.locate(&id).unwrap().pack;
+    let packs: Vec<String> = v
+        .backend()
+        .list("packs/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(packs.len(), 2);
+    let unused_key = packs
+        .iter()
+        .find(|k| **k != pack_key(&used))
+        .unwrap()
+        .clone();
+    let unused: lifeboat_format::PackId = unused_key.rsplit('/').next().unwrap().parse().unwrap();
+    let entry = v
+        .load_pack_index(&unused)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.id == id)
+        .unwrap();
+    let mut raw = v.backend().get(&unused_key).unwrap();
+    raw[entry.offset as usize + 40] ^= 1;
+    v.backend().put(&unused_key, &raw).unwrap();
+    let r = verify(&v, true, |_| {}).unwrap();
+    assert!(!r.ok());
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.object.as_deref() == Some(unused_key.as_str())
+                && p.message
+                    .contains("a copy of a chunk the index does not use")),
+        "{r:?}"
+    );
+    raw[entry.offset as usize + 40] ^= 1;
+    v.backend().put(&unused_key, &raw).unwrap();
+    assert!(verify(&v, true, |_| {}).unwrap().ok());
+
+    // an index object that lists less than the pack's trailer
+    let two = v.locate(&other_id).unwrap().pack;
+    let mut entries = v.load_pack_index(&two).unwrap();
+    assert_eq!(entries.len(), 2);
+    entries.retain(|e| e.id != id);
+    let plain = lifeboat_format::pack::encode_pack_index(&entries);
+    let sealed = v.keys().seal(BlobKind::PackIndex, &two.0, &plain, 1);
+    v.backend().put(&index_key(&two), &sealed).unwrap();
+    let r = verify(&v, true, |_| {}).unwrap();
+    let two_key = pack_key(&two);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.object.as_deref() == Some(two_key.as_str())
+                && p.message.contains("trailer and its index object differ")),
+        "{r:?}"
+    );
+}
