@@ -112,6 +112,16 @@ pub fn verify(
         all.extend(by_pack.keys().filter(|p| !packs.contains(p)));
         for pack in all {
             let blobs = by_pack.remove(&pack).unwrap_or_default();
+            if blobs.is_empty()
+                && matches!(
+                    vault.backend().head(&crate::vault::index_key(&pack)),
+                    Ok(None)
+                )
+            {
+                // a writer stopped between the pack and its index object:
+                // nothing can use it (listed in `unindexed_packs`)
+                continue;
+            }
             let raw = match vault.backend().get(&pack_key(&pack)) {
                 Ok(raw) => raw,
                 Err(e) => {
