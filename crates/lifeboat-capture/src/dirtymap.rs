@@ -13,9 +13,8 @@
 //! are durable in the local volume (a flush, or the agent's own sync
 //! before clearing: a machine crash can lose a write the recovery site
 //! holds, and that chunk must then be compared), and no resync of it is
-//! pending. The
-//! caller keeps recently written groups hot (see the shipper), so a busy
-//! region is not cleared and re-marked over and over. Bits found set at open
+//! pending. The caller keeps recently written groups hot (see the
+//! shipper), so a busy region is not cleared and re-marked over and over. Bits found set at open
 //! (after a crash or restart) are pending resyncs: they are compared by hash
 //! with the replica, so only chunks that differ travel.
 

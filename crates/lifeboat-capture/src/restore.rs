@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use lifeboat_format::index::FixedIndex;
 use lifeboat_format::{ChunkId, PackId, PointId};
-use lifeboat_store::backend::local::{direct_write_at, open_direct, DIRECT_ALIGN};
+use lifeboat_store::backend::local::{direct_write_at, open_direct, start_aligned, DIRECT_ALIGN};
 use lifeboat_store::crypto::is_zero;
 use lifeboat_store::vault::{pack_key, Location};
 use lifeboat_store::{StoreError, Vault};
@@ -425,9 +425,8 @@ struct Run {
 
 impl Run {
     fn new(off: u64) -> Run {
-        let mut buf: Vec<u8> = Vec::with_capacity(RUN_MAX + DIRECT_ALIGN);
-        let skip = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        buf.resize(skip, 0);
+        let mut buf = Vec::new();
+        let skip = start_aligned(&mut buf, RUN_MAX);
         Run { off, buf, skip }
     }
 

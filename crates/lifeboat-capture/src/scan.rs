@@ -248,11 +248,11 @@ fn scan_volume(
                             continue;
                         }
                         let id = keys.chunk_id(chunk);
-                        if !w.contains(&id) {
-                            if let Err(e) = w.add(BlobKind::Data, id, chunk) {
-                                *failed.lock().unwrap() = Some(e.into());
-                                return;
-                            }
+                        // stored only if neither the vault nor a pack being
+                        // written holds it already
+                        if let Err(e) = w.add(BlobKind::Data, id, chunk) {
+                            *failed.lock().unwrap() = Some(e.into());
+                            return;
                         }
                         found.push((pos, id));
                     }

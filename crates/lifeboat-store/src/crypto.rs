@@ -88,7 +88,8 @@ impl Keys {
         let start = out.len();
         let nonce = random_bytes::<NONCE_LEN>();
         let bound = zstd::zstd_safe::compress_bound(data.len());
-        out.reserve(OUTER_HEADER_LEN + INNER_HEADER_LEN + bound.max(data.len()) + TAG_LEN);
+        // the compression bound covers the raw data too
+        out.reserve(OUTER_HEADER_LEN + INNER_HEADER_LEN + bound + TAG_LEN);
         out.extend_from_slice(&sealed_header(kind, &nonce));
         let inner = out.len();
         out.extend_from_slice(&inner_header(Compression::Zstd, data.len() as u32));

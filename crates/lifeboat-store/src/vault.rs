@@ -410,13 +410,8 @@ impl Vault {
         raw: &[u8],
         needed_by: &str,
     ) -> Result<Vec<u8>> {
-        let what = format!("chunk {} ({needed_by})", &id.to_hex()[..16]);
-        let plain = self.keys.open(kind, &id.0, raw, &what)?;
-        if self.keys.chunk_id(&plain) != *id {
-            return Err(StoreError::Corrupt(format!(
-                "{what}: content does not match its id"
-            )));
-        }
+        let mut plain = Vec::new();
+        self.open_blob_append(id, kind, &mut raw.to_vec(), needed_by, &mut plain)?;
         Ok(plain)
     }
 
@@ -740,12 +735,8 @@ impl PackBuf {
     /// A new pack in `data` (an emptied buffer of an uploaded pack, whose
     /// pages are already mapped, or a new one).
     fn new(cap: usize, data: Option<Vec<u8>>) -> Self {
-        let align = crate::backend::local::DIRECT_ALIGN;
         let mut data = data.unwrap_or_default();
-        data.clear();
-        data.reserve(cap + align);
-        let start = data.as_ptr().align_offset(align).min(align);
-        data.resize(start, 0);
+        let start = crate::backend::local::start_aligned(&mut data, cap);
         data.extend_from_slice(&PACK_HEADER);
         PackBuf {
             data,
@@ -861,41 +852,23 @@ impl PackWriter {
         self.shared.vault.has_usable(id) || self.shared.pending.lock().unwrap().contains(id)
     }
 
-    /// Seal and add `data` (whose id is `id`) unless the vault has it.
+    /// Seal and add `data` (whose id is `id`) unless the vault or a pack
+    /// this writer is filling holds it.
     /// Returns whether it was new.
     ///
     /// # Errors
     /// An earlier upload failed.
     pub fn add(&self, kind: BlobKind, id: ChunkId, data: &[u8]) -> Result<bool> {
         self.check()?;
-        if !self.claim(id) {
-            return Ok(false);
+        let sh = &self.shared;
+        {
+            // unless the vault or a pending pack holds it, `id` is ours
+            let mut p = sh.pending.lock().unwrap();
+            if sh.vault.has_usable(&id) || !p.insert(id) {
+                return Ok(false);
+            }
         }
-        let v = &self.shared.vault;
-        self.append(kind, id, data.len() as u32, |out| {
-            v.keys
-                .seal_into(kind, &id.0, data, v.config.compression_level, out)
-        })?;
-        Ok(true)
-    }
-
-    /// Take `id` for this writer unless the vault or a pending pack holds it.
-    fn claim(&self, id: ChunkId) -> bool {
-        let sh = &self.shared;
-        let mut p = sh.pending.lock().unwrap();
-        !sh.vault.has_usable(&id) && p.insert(id)
-    }
-
-    /// Append one sealed blob, written by `put` at the end of a pack being
-    /// filled (returning its length), and send the pack off when full.
-    fn append(
-        &self,
-        kind: BlobKind,
-        id: ChunkId,
-        raw_len: u32,
-        put: impl FnOnce(&mut Vec<u8>) -> usize,
-    ) -> Result<()> {
-        let sh = &self.shared;
+        // seal straight into a pack this thread takes for the moment
         let pack_size = sh.vault.config.pack_size as usize;
         let taken = self.bufs.lock().unwrap().pop();
         let mut b = taken.unwrap_or_else(|| {
@@ -903,7 +876,12 @@ impl PackWriter {
             PackBuf::new(pack_size + (1 << 20), spare)
         });
         let offset = b.len() as u64;
-        let len = put(&mut b.data);
+        let level = sh.vault.config.compression_level;
+        let len = sh
+            .vault
+            .keys
+            .seal_into(kind, &id.0, data, level, &mut b.data);
+        let raw_len = data.len() as u32;
         b.entries.push(PackEntry {
             id,
             kind,
@@ -915,32 +893,10 @@ impl PackWriter {
         sh.new_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
         sh.new_stored.fetch_add(len as u64, Ordering::Relaxed);
         if b.len() >= pack_size {
-            self.send(b)
+            self.send(b)?;
         } else {
             self.bufs.lock().unwrap().push(b);
-            Ok(())
         }
-    }
-
-    /// Add an already sealed blob. Returns whether it was new.
-    ///
-    /// # Errors
-    /// An earlier upload failed.
-    pub fn add_sealed(
-        &self,
-        kind: BlobKind,
-        id: ChunkId,
-        raw_len: u32,
-        sealed: Vec<u8>,
-    ) -> Result<bool> {
-        self.check()?;
-        if !self.claim(id) {
-            return Ok(false);
-        }
-        self.append(kind, id, raw_len, |out| {
-            out.extend_from_slice(&sealed);
-            sealed.len()
-        })?;
         Ok(true)
     }
 
@@ -1043,8 +999,8 @@ impl WriterShared {
         b.data.extend_from_slice(&pack_tail(trailer.len() as u32));
         let backend = &self.vault.backend;
         backend.put(&pack_key(&pack), b.pack())?;
-        let sealed_index = keys.seal(BlobKind::PackIndex, &pack.0, &index, 1);
-        backend.put(&index_key(&pack), &sealed_index)?;
+        // the index object is the same sealed list, for reading without the pack
+        backend.put(&index_key(&pack), &trailer)?;
         self.vault.insert_pack(pack, &b.entries);
         let mut p = self.pending.lock().unwrap();
         for e in &b.entries {

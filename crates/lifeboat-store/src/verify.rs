@@ -12,7 +12,7 @@ use lifeboat_format::pack::{decode_pack_index, pack_trailer, PackEntry};
 use lifeboat_format::{ChunkId, PackId};
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Result, StoreError};
 use crate::vault::{pack_key, Vault};
 
 /// One problem, as precise as we can name it.
@@ -112,11 +112,9 @@ pub fn verify(
         all.extend(by_pack.keys().filter(|p| !packs.contains(p)));
         for pack in all {
             let blobs = by_pack.remove(&pack).unwrap_or_default();
+            let index_object = vault.load_pack_index(&pack);
             if blobs.is_empty()
-                && matches!(
-                    vault.backend().head(&crate::vault::index_key(&pack)),
-                    Ok(None)
-                )
+                && matches!(&index_object, Err(StoreError::Backend(e)) if e.is_not_found())
             {
                 // a writer stopped between the pack and its index object:
                 // nothing can use it (listed in `unindexed_packs`)
@@ -160,7 +158,7 @@ pub fn verify(
                 });
             let mut listed = match listed {
                 Ok(entries) => {
-                    match vault.load_pack_index(&pack) {
+                    match index_object {
                         Ok(ix) if ix == entries => {}
                         Ok(_) => {
                             pack_problem("the pack's trailer and its index object differ".into())

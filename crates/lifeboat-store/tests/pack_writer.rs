@@ -1,38 +1,15 @@
 //! The pack writer shared by worker threads: each fills its own pack, and
 //! what is left at the end goes out as one pack.
 
-use std::sync::Arc;
+mod common;
 
+use common::vault;
 use lifeboat_format::blob::BlobKind;
-use lifeboat_store::backend::memory::MemoryBackend;
-use lifeboat_store::{InitOptions, Secret, Vault};
-
-fn vault() -> Arc<Vault> {
-    let opts = InitOptions {
-        chunk_size: 4096,
-        ..Default::default()
-    };
-    Arc::new(
-        Vault::init(
-            Arc::new(MemoryBackend::new()),
-            &Secret::Password(b"pw".to_vec()),
-            &opts,
-        )
-        .unwrap(),
-    )
-}
+use lifeboat_store::crypto::random_bytes;
 
 fn data(thread: u32, i: u32) -> Vec<u8> {
-    // half compressible, half not, and different for every (thread, i)
-    let mut x = (thread as u64) << 32 | i as u64 | 1;
-    let mut d: Vec<u8> = (0..2048)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    // half incompressible, half text, different for every (thread, i)
+    let mut d = random_bytes::<2048>().to_vec();
     d.extend(
         format!("thread {thread} chunk {i} ")
             .repeat(100)

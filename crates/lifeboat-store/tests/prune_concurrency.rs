@@ -1,8 +1,11 @@
 //! Prune while a writer runs: the writer never loses a chunk it
 //! deduplicated against, and garbage goes once nobody can depend on it.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::vault;
 use lifeboat_format::blob::BlobKind;
 use lifeboat_format::index::FixedIndex;
 use lifeboat_format::manifest::{Manifest, PointKind, VolumeEntry};
@@ -36,22 +39,6 @@ fn point(v: &Vault, w: &PackWriter, id: u64, chunks: &[ChunkId], tags: &[&str]) 
     };
     v.save_manifest(&m).unwrap();
     m
-}
-
-/// A fresh in-memory vault with 4 KiB chunks.
-fn vault() -> Arc<Vault> {
-    let opts = InitOptions {
-        chunk_size: 4096,
-        ..Default::default()
-    };
-    Arc::new(
-        Vault::init(
-            Arc::new(MemoryBackend::new()),
-            &Secret::Password(b"pw".to_vec()),
-            &opts,
-        )
-        .unwrap(),
-    )
 }
 
 fn chunk(v: &Vault, w: &PackWriter, seed: u8) -> ChunkId {

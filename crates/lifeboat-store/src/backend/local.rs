@@ -166,6 +166,18 @@ pub fn open_direct(path: &Path) -> Option<File> {
         .ok()
 }
 
+/// Empty `buf` and make room for `cap` bytes that start 4 KiB-aligned in
+/// memory, so [`direct_write_at`] writes them without its bounce copy:
+/// `buf` is left holding the padding, whose length is returned. The bytes
+/// stay aligned while `buf` keeps this allocation (grows within `cap`).
+pub fn start_aligned(buf: &mut Vec<u8>, cap: usize) -> usize {
+    buf.clear();
+    buf.reserve(cap + ALIGN);
+    let skip = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+    buf.resize(skip, 0);
+    skip
+}
+
 /// Alignment that O_DIRECT offsets and lengths need.
 pub const DIRECT_ALIGN: usize = ALIGN;
 
