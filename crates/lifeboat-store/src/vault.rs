@@ -721,37 +721,61 @@ pub struct WriteStats {
     pub packs: u64,
 }
 
-/// A pack being filled. The pack starts at `data[start..]`, 4 KiB-aligned
-/// in memory while `data` keeps its first allocation (its capacity covers a
-/// full pack), so the local backend writes it with O_DIRECT without copying
-/// it through a bounce buffer.
+/// A pack being filled: `data[start..end]`. `data` is initialized over its
+/// whole length, so blobs are sealed straight into the room after `end`.
+/// The pack starts 4 KiB-aligned in memory while `data` keeps its first
+/// allocation (which covers a full pack), so the local backend writes it
+/// with O_DIRECT without copying it through a bounce buffer.
 struct PackBuf {
     data: Vec<u8>,
     start: usize,
+    end: usize,
     entries: Vec<PackEntry>,
 }
 
 impl PackBuf {
-    /// A new pack in `data` (an emptied buffer of an uploaded pack, whose
-    /// pages are already mapped, or a new one).
+    /// A new pack of up to `cap` bytes in `data` (the buffer of an uploaded
+    /// pack, whose pages are already mapped, or a new one).
     fn new(cap: usize, data: Option<Vec<u8>>) -> Self {
+        let align = crate::backend::local::DIRECT_ALIGN;
         let mut data = data.unwrap_or_default();
-        let start = crate::backend::local::start_aligned(&mut data, cap);
-        data.extend_from_slice(&PACK_HEADER);
+        if data.len() < cap + align {
+            // zeroed pages from the OS, not a memset
+            data = vec![0; cap + align];
+        }
+        let start = data.as_ptr().align_offset(align).min(align);
+        let end = start + PACK_HEADER.len();
+        data[start..end].copy_from_slice(&PACK_HEADER);
         PackBuf {
             data,
             start,
+            end,
             entries: Vec::new(),
         }
     }
 
     /// The pack's bytes so far.
     fn pack(&self) -> &[u8] {
-        &self.data[self.start..]
+        &self.data[self.start..self.end]
     }
 
     fn len(&self) -> usize {
-        self.data.len() - self.start
+        self.end - self.start
+    }
+
+    /// `n` bytes of room after the pack. Growing `data` (a blob larger
+    /// than the slack past the pack size) moves it off its alignment: the
+    /// pack is then written through the bounce buffer.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.data.len() < self.end + n {
+            self.data.resize(self.end + n, 0);
+        }
+        &mut self.data[self.end..self.end + n]
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.room(bytes.len()).copy_from_slice(bytes);
+        self.end += bytes.len();
     }
 
     /// Append the blobs of `other` (their sealed bytes, unchanged).
@@ -759,8 +783,7 @@ impl PackBuf {
         for e in &other.entries {
             let at = e.offset as usize;
             let offset = self.len() as u64;
-            self.data
-                .extend_from_slice(&other.pack()[at..at + e.len as usize]);
+            self.push(&other.pack()[at..at + e.len as usize]);
             self.entries.push(PackEntry { offset, ..*e });
         }
     }
@@ -877,10 +900,9 @@ impl PackWriter {
         });
         let offset = b.len() as u64;
         let level = sh.vault.config.compression_level;
-        let len = sh
-            .vault
-            .keys
-            .seal_into(kind, &id.0, data, level, &mut b.data);
+        let room = b.room(crypto::sealed_bound(data.len()));
+        let len = sh.vault.keys.seal_to(kind, &id.0, data, level, room);
+        b.end += len;
         let raw_len = data.len() as u32;
         b.entries.push(PackEntry {
             id,
@@ -995,8 +1017,8 @@ impl WriterShared {
         // to the zero id.)
         let pack = PackId(crypto::random_bytes::<32>());
         let trailer = keys.seal(BlobKind::PackIndex, &pack.0, &index, 1);
-        b.data.extend_from_slice(&trailer);
-        b.data.extend_from_slice(&pack_tail(trailer.len() as u32));
+        b.push(&trailer);
+        b.push(&pack_tail(trailer.len() as u32));
         let backend = &self.vault.backend;
         backend.put(&pack_key(&pack), b.pack())?;
         // the index object is the same sealed list, for reading without the pack

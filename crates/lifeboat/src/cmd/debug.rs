@@ -119,19 +119,22 @@ pub fn run(c: DebugCmd) -> Result<()> {
             let t = std::time::Instant::now();
             let mut stored = 0usize;
             // sealed into a reused pack-sized buffer, as the pack writer does
-            let mut pack: Vec<u8> = Vec::with_capacity(17 << 20);
+            let mut pack = vec![0u8; 17 << 20];
+            let mut end = 0;
             for c in data.chunks(chunk_size as usize) {
                 let id = keys.chunk_id(c);
-                if pack.len() >= 16 << 20 {
-                    pack.clear();
+                if end >= 16 << 20 {
+                    end = 0;
                 }
-                stored += keys.seal_into(
+                let n = keys.seal_to(
                     lifeboat_format::blob::BlobKind::Data,
                     &id.0,
                     c,
                     level,
-                    &mut pack,
+                    &mut pack[end..],
                 );
+                end += n;
+                stored += n;
             }
             let secs = t.elapsed().as_secs_f64();
             println!(
