@@ -160,6 +160,10 @@ pub fn parse_inner(plain: &[u8]) -> Result<(Compression, u32, &[u8]), FormatErro
 /// every one of up to `samples` samples of 4 KiB spread over it has a byte
 /// entropy above 7.9 bits (random, compressed or encrypted data). Data
 /// under 16 KiB, and data with any sample below that, is worth trying.
+/// Sample `i` lies at a fixed pseudo-random place within the `i`th of
+/// `samples` equal parts, so data that alternates with the period of the
+/// parts (random and text regions of one size) is not sampled in one
+/// phase only.
 pub fn looks_incompressible(parts: &[&[u8]], samples: usize) -> bool {
     const SAMPLE: usize = 4096;
     let total: usize = parts.iter().map(|p| p.len()).sum();
@@ -170,8 +174,10 @@ pub fn looks_incompressible(parts: &[&[u8]], samples: usize) -> bool {
     let step = total / n;
     let mut sample = [0u8; SAMPLE];
     (0..n).all(|i| {
-        // the SAMPLE bytes at i * step of the concatenation
-        let (mut at, mut got) = (i * step, 0);
+        // the SAMPLE bytes at i * step (+ a jitter after the first) of the
+        // concatenation
+        let jitter = (i as u64).wrapping_mul(0x9E37_79B9) % (step - SAMPLE + 1) as u64;
+        let (mut at, mut got) = (i * step + jitter as usize, 0);
         for p in parts {
             if got == SAMPLE {
                 break;

@@ -252,13 +252,16 @@ fn compress_to(data: &[u8], level: i32, out: &mut [u8]) -> Option<usize> {
     })
 }
 
-/// A cheap guess that zstd would not shrink `data`: the byte entropy of two
-/// 4 KiB samples is above 7.9 bits per byte (random or already compressed or
-/// encrypted data). Skipping zstd there saves most of its cost on such data;
-/// the guess errs towards compressing.
+/// A cheap guess that zstd would not shrink `data`: the byte entropy of
+/// every 4 KiB sample is above 7.9 bits per byte (random or already
+/// compressed or encrypted data). Skipping zstd there saves most of its
+/// cost on such data; the guess errs towards compressing.
 pub fn looks_incompressible(data: &[u8]) -> bool {
-    // two samples: a chunk's start and middle
-    lifeboat_format::blob::looks_incompressible(&[data], 2)
+    // a 64 KiB chunk: its start and middle; bigger chunks one sample per
+    // 128 KiB (two samples of a 4 MiB chunk that alternates random and
+    // text MiBs both fell on random ones, and it was stored raw)
+    let samples = (data.len() >> 17).max(2);
+    lifeboat_format::blob::looks_incompressible(&[data], samples)
 }
 
 /// Wrap `master` with `wrapping` key: hex(nonce | ciphertext | tag).
@@ -406,6 +409,16 @@ mod tests {
         let text = b"the recovery site holds a replica of the volume ".repeat(1400);
         assert!(!looks_incompressible(&text[..65536]));
         assert!(!looks_incompressible(&[0u8; 65536]));
+        // a big chunk whose start and middle are random, text between
+        let mut mixed = Vec::new();
+        for i in 0..4 {
+            mixed.extend_from_slice(if i % 2 == 0 { &random } else { &text[..65536] });
+        }
+        let mixed = mixed.repeat(16); // 4 MiB: random, text, random, text…
+        assert!(!looks_incompressible(&mixed));
+        let mut big_random = vec![0u8; 4 << 20];
+        getrandom::fill(&mut big_random).unwrap();
+        assert!(looks_incompressible(&big_random));
         // random bytes are stored raw, text compressed, both round-trip
         let k = Keys::from_master(&[3; 32], "v");
         for d in [&random[..], &text[..65536]] {

@@ -798,7 +798,9 @@ pub struct PackWriter {
     shared: Arc<WriterShared>,
     /// Packs being filled, one per thread adding at the moment: a thread
     /// takes one, seals a blob straight into it and puts it back.
-    bufs: Mutex<Vec<PackBuf>>,
+    /// `None` once [`PackWriter::flush`] took them: an add then fails
+    /// rather than leave a blob in a pack nobody uploads.
+    bufs: Mutex<Option<Vec<PackBuf>>>,
     tx: Mutex<Option<std::sync::mpsc::SyncSender<PackBuf>>>,
     uploaders: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -816,6 +818,16 @@ struct WriterShared {
     /// Buffers of uploaded packs, kept for the next packs: a new 17 MiB
     /// buffer costs 4,000 page faults and as many zeroed pages.
     spare: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Room a pack buffer has past the pack size: the last blob (the pack is
+/// sent once it reaches the size) and the trailer, at 49 bytes per entry.
+/// A pack of small, very compressible chunks may need more: its buffer
+/// then grows (and is written through the bounce buffer).
+fn pack_slack(c: &lifeboat_format::config::VaultConfig) -> usize {
+    let chunks = (c.pack_size / c.chunk_size.max(1)) as usize;
+    let trailer = 4 * (chunks + 64) * lifeboat_format::pack::ENTRY_LEN;
+    (crypto::sealed_bound(c.chunk_size as usize) + trailer + 4096).max(1 << 20)
 }
 
 /// Packs being uploaded at once (and queued): bounds memory to a few packs.
@@ -853,7 +865,7 @@ impl PackWriter {
             .collect();
         PackWriter {
             shared,
-            bufs: Mutex::default(),
+            bufs: Mutex::new(Some(Vec::new())),
             tx: Mutex::new(Some(tx)),
             uploaders: Mutex::new(uploaders),
         }
@@ -880,10 +892,14 @@ impl PackWriter {
     /// Returns whether it was new.
     ///
     /// # Errors
-    /// An earlier upload failed.
+    /// An earlier upload failed, or the writer was flushed.
     pub fn add(&self, kind: BlobKind, id: ChunkId, data: &[u8]) -> Result<bool> {
         self.check()?;
         let sh = &self.shared;
+        let flushed = || StoreError::Invalid("pack writer already flushed".into());
+        if self.bufs.lock().unwrap().is_none() {
+            return Err(flushed());
+        }
         {
             // unless the vault or a pending pack holds it, `id` is ours
             let mut p = sh.pending.lock().unwrap();
@@ -893,10 +909,10 @@ impl PackWriter {
         }
         // seal straight into a pack this thread takes for the moment
         let pack_size = sh.vault.config.pack_size as usize;
-        let taken = self.bufs.lock().unwrap().pop();
+        let taken = self.bufs.lock().unwrap().as_mut().and_then(Vec::pop);
         let mut b = taken.unwrap_or_else(|| {
             let spare = sh.spare.lock().unwrap().pop();
-            PackBuf::new(pack_size + (1 << 20), spare)
+            PackBuf::new(pack_size + pack_slack(&sh.vault.config), spare)
         });
         let offset = b.len() as u64;
         let level = sh.vault.config.compression_level;
@@ -917,7 +933,16 @@ impl PackWriter {
         if b.len() >= pack_size {
             self.send(b)?;
         } else {
-            self.bufs.lock().unwrap().push(b);
+            match self.bufs.lock().unwrap().as_mut() {
+                Some(bufs) => bufs.push(b),
+                None => {
+                    // flushed meanwhile: this blob (claimed in `pending`)
+                    // would be in no pack, so the writer fails
+                    let e = flushed();
+                    sh.failed.lock().unwrap().get_or_insert(e.to_string());
+                    return Err(e);
+                }
+            }
         }
         Ok(true)
     }
@@ -947,7 +972,7 @@ impl PackWriter {
     pub fn flush(&self) -> Result<WriteStats> {
         // The threads' partly filled packs go out merged (up to the pack
         // size): a small point leaves one small pack, not one per thread.
-        let mut bufs = std::mem::take(&mut *self.bufs.lock().unwrap());
+        let mut bufs = self.bufs.lock().unwrap().take().unwrap_or_default();
         bufs.retain(|b| !b.entries.is_empty());
         bufs.sort_by_key(|b| std::cmp::Reverse(b.len()));
         let pack_size = self.shared.vault.config.pack_size as usize;

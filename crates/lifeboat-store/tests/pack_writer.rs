@@ -50,6 +50,42 @@ fn threads_fill_their_own_packs_and_the_rest_leaves_as_one() {
     for (id, d) in &ids {
         assert_eq!(&v.read_chunk(id, "test").unwrap(), d);
     }
+    // after flush a chunk is refused, not left in a pack nobody writes
+    let late = data(7, 7);
+    let late_id = v.keys().chunk_id(&late);
+    let e = w.add(BlobKind::Data, late_id, &late).unwrap_err();
+    assert!(e.to_string().contains("already flushed"), "{e}");
+    assert!(!v.has_usable(&late_id));
+}
+
+/// Chunks larger than the slack a pack buffer had before (1 MiB) fill
+/// packs past their size and read back.
+#[test]
+fn big_chunks_fill_packs() {
+    let v = vault();
+    let (_lock, w) = v.begin_write().unwrap();
+    let mut chunks = Vec::new();
+    for i in 0..40u8 {
+        // 3 MiB, half random half text: blobs around 2 MiB
+        let mut d = Vec::with_capacity(3 << 20);
+        while d.len() < 3 << 19 {
+            d.extend_from_slice(&random_bytes::<4096>());
+        }
+        d.extend(
+            format!("big chunk {i} ")
+                .repeat(200_000)
+                .bytes()
+                .take(3 << 19),
+        );
+        let id = v.keys().chunk_id(&d);
+        assert!(w.add(BlobKind::Data, id, &d).unwrap());
+        chunks.push((id, d));
+    }
+    let stats = w.flush().unwrap();
+    assert!(stats.packs >= 2, "{stats:?}");
+    for (id, d) in &chunks {
+        assert_eq!(&v.read_chunk(id, "test").unwrap(), d);
+    }
 }
 
 /// Every blob of a pack is checked by `verify --read-data`, the copies the

@@ -119,12 +119,13 @@ pub fn run(c: DebugCmd) -> Result<()> {
             let t = std::time::Instant::now();
             let mut stored = 0usize;
             // sealed into a reused pack-sized buffer, as the pack writer does
-            let mut pack = vec![0u8; 17 << 20];
+            let bound = lifeboat_store::crypto::sealed_bound(chunk_size as usize);
+            let mut pack = vec![0u8; (16 << 20) + bound];
             let mut end = 0;
             for c in data.chunks(chunk_size as usize) {
                 let id = keys.chunk_id(c);
                 if end >= 16 << 20 {
-                    end = 0;
+                    end = 0; // a full pack: the next one reuses the buffer
                 }
                 let n = keys.seal_to(
                     lifeboat_format::blob::BlobKind::Data,
