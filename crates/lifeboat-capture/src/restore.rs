@@ -403,7 +403,8 @@ fn restore_pack(
             return Ok(()); // the writer stopped on an error it reports
         }
         if run.is_empty() {
-            run = Run::new(r.start);
+            // (a chunk bigger than RUN_MAX is a run of its own)
+            run = Run::new(r.start, n.max(RUN_MAX));
         }
         run.buf.extend_from_slice(&plain[at..at + n]);
     }
@@ -424,9 +425,10 @@ struct Run {
 }
 
 impl Run {
-    fn new(off: u64) -> Run {
+    /// A run at `off` of up to `cap` bytes.
+    fn new(off: u64, cap: usize) -> Run {
         let mut buf = Vec::new();
-        let skip = start_aligned(&mut buf, RUN_MAX);
+        let skip = start_aligned(&mut buf, cap);
         Run { off, buf, skip }
     }
 

@@ -8,7 +8,9 @@
 use std::collections::{HashMap, HashSet};
 
 use lifeboat_format::blob::BlobKind;
-use lifeboat_format::pack::{decode_pack_index, pack_trailer, PackEntry};
+use lifeboat_format::pack::{
+    decode_pack_index, pack_trailer, PackEntry, PACK_HEADER, PACK_TAIL_LEN,
+};
 use lifeboat_format::{ChunkId, PackId};
 use serde::Serialize;
 
@@ -140,14 +142,16 @@ pub fn verify(
                     message,
                 })
             };
-            // Every byte of a pack is in a blob or the trailer, each
-            // authenticated by AES-GCM: opening them all checks the pack.
-            // The trailer lists every blob (copies the index does not use
-            // included) and is bound to the pack id (to the zero id in
-            // packs written before 2026-11-30).
+            // Every byte of a pack is in a blob or the trailer (checked
+            // below), each authenticated by AES-GCM: opening them all checks
+            // the pack. The trailer lists every blob (copies the index does
+            // not use included) and is bound to the pack id (to the zero id
+            // in packs written before 2026-11-30).
+            let mut trailer_at = 0;
             let listed = pack_trailer(&raw)
                 .map_err(|e| format!("pack trailer: {e}"))
                 .and_then(|t| {
+                    trailer_at = raw.len() - PACK_TAIL_LEN - t.len();
                     let keys = vault.keys();
                     keys.open(BlobKind::PackIndex, &pack.0, t, "pack trailer")
                         .or_else(|_| keys.open(BlobKind::PackIndex, &[0; 32], t, "pack trailer"))
@@ -164,6 +168,11 @@ pub fn verify(
                             pack_problem("the pack's trailer and its index object differ".into())
                         }
                         Err(e) => pack_problem(format!("index object: {e}")),
+                    }
+                    if let Some((a, b)) = first_gap(&entries, trailer_at as u64) {
+                        pack_problem(format!(
+                            "bytes {a}..{b} of the pack are in no blob its trailer lists, or in two"
+                        ));
                     }
                     entries
                 }
@@ -282,4 +291,22 @@ pub fn verify(
     }
     r.chunks_referenced = referenced.len();
     Ok(r)
+}
+
+/// The first bytes of a pack, between its header and its trailer (at
+/// `trailer_at`), that no listed blob covers or that two blobs share.
+fn first_gap(entries: &[PackEntry], trailer_at: u64) -> Option<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = entries
+        .iter()
+        .map(|e| (e.offset, e.offset + e.len as u64))
+        .collect();
+    spans.sort_unstable();
+    let mut at = PACK_HEADER.len() as u64;
+    for (a, b) in spans {
+        if a != at {
+            return Some((at.min(a), at.max(a)));
+        }
+        at = b;
+    }
+    (at != trailer_at).then_some((at.min(trailer_at), at.max(trailer_at)))
 }

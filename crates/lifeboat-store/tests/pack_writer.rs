@@ -168,4 +168,26 @@ fn verify_opens_every_blob_a_pack_lists() {
                 && p.message.contains("trailer and its index object differ")),
         "{r:?}"
     );
+
+    // bytes between the last blob and the trailer that no blob holds
+    use lifeboat_format::pack::{pack_tail, pack_trailer, PACK_TAIL_LEN};
+    let raw = v.backend().get(&two_key).unwrap();
+    let trailer = pack_trailer(&raw).unwrap().to_vec();
+    let at = raw.len() - PACK_TAIL_LEN - trailer.len();
+    let mut padded = raw[..at].to_vec();
+    padded.extend_from_slice(&[0x55; 100]);
+    padded.extend_from_slice(&trailer);
+    padded.extend_from_slice(&pack_tail(trailer.len() as u32));
+    v.backend().put(&two_key, &padded).unwrap();
+    v.backend().put(&index_key(&two), &trailer).unwrap();
+    let r = verify(&v, true, |_| {}).unwrap();
+    let gap = format!("bytes {at}..{} of the pack are in no blob", at + 100);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.object.as_deref() == Some(two_key.as_str()) && p.message.contains(&gap)),
+        "{r:?}"
+    );
+    // its blobs still read: only the pack is named
+    assert_eq!(v.read_chunk(&other_id, "test").unwrap(), other);
 }
