@@ -226,7 +226,9 @@ fn scan_volume(
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
-                let mut buf = vec![0u8; (cs * RUN_CHUNKS) as usize];
+                let len = (cs * RUN_CHUNKS) as usize;
+                let (mut whole, off) = lifeboat_store::backend::local::huge_buffer(len);
+                let buf = &mut whole[off..off + len];
                 let mut found: Vec<(usize, ChunkId)> = Vec::new();
                 loop {
                     if failed.lock().unwrap().is_some() {

@@ -742,6 +742,7 @@ impl PackBuf {
         if data.len() < cap + align {
             // zeroed pages from the OS, not a memset
             data = vec![0; cap + align];
+            crate::backend::local::advise_huge(&data);
         }
         let start = data.as_ptr().align_offset(align).min(align);
         let end = start + PACK_HEADER.len();

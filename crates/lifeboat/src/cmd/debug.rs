@@ -120,7 +120,10 @@ pub fn run(c: DebugCmd) -> Result<()> {
             let mut stored = 0usize;
             // sealed into a reused pack-sized buffer, as the pack writer does
             let bound = lifeboat_store::crypto::sealed_bound(chunk_size as usize);
-            let mut pack = vec![0u8; (16 << 20) + bound];
+            // (in huge pages where THP allows, as the pack writer's)
+            let plen = (16 << 20) + bound;
+            let (mut whole, off) = lifeboat_store::backend::local::huge_buffer(plen);
+            let pack = &mut whole[off..off + plen];
             let mut end = 0;
             for c in data.chunks(chunk_size as usize) {
                 let id = keys.chunk_id(c);
