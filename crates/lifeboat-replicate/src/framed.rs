@@ -21,7 +21,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 /// As [`read_frame`], or a frame over `max`.
 pub async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>> {
     let mut b = Vec::new();
-    match read_body(r, &mut b, max).await? {
+    match read_body(r, &mut b, max, false).await? {
         Some(n) => Ok(Some(Frame::decode(&b[..n])?)),
         None => Ok(None),
     }
@@ -38,14 +38,16 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
-    read_body(r, buf, usize::MAX).await
+    read_body(r, buf, usize::MAX, true).await
 }
 
-/// [`read_frame_body`] refusing a frame over `max` bytes before reading it.
+/// [`read_frame_body`] refusing a frame over `max` bytes before reading it;
+/// `reused`: `buf` is kept from frame to frame.
 async fn read_body<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
+    reused: bool,
 ) -> Result<Option<usize>> {
     let mut p = [0u8; 4];
     match r.read_exact(&mut p).await {
@@ -58,7 +60,13 @@ async fn read_body<R: AsyncRead + Unpin>(
         bail!("a {n}-byte frame from a peer that may send at most {max} now");
     }
     if buf.len() < n {
-        buf.resize(n, 0);
+        if reused {
+            // in huge pages where THP allows, as the decompression
+            // buffer (see `open_batch_ref`)
+            *buf = lifeboat_store::backend::local::huge_vec(n.max(1 << 20));
+        } else {
+            buf.resize(n, 0);
+        }
     }
     r.read_exact(&mut buf[..n]).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -267,7 +275,10 @@ pub fn open_batch_ref<'a>(
             // buffer grows
             let want = raw_len as usize;
             if scratch.len() < want {
-                scratch.resize(want, 0);
+                // a new buffer in huge pages where THP allows (it is
+                // kept from batch to batch: fewer TLB misses while the
+                // batch is decompressed into it and applied from it)
+                *scratch = lifeboat_store::backend::local::huge_vec(want.max(4 << 20));
             }
             let n = DCTX
                 .with(|cell| {

@@ -185,9 +185,13 @@ pub fn start_aligned(buf: &mut Vec<u8>, cap: usize) -> usize {
 /// where a TLB miss walks two levels of page tables, a point took 5 % less
 /// time. Without THP (`never`) this does nothing.
 pub fn advise_huge(buf: &[u8]) {
-    let p = buf.as_ptr() as usize;
+    advise_huge_range(buf.as_ptr(), buf.len());
+}
+
+fn advise_huge_range(p: *const u8, len: usize) {
+    let p = p as usize;
     let start = (p + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
-    let end = (p + buf.len()) & !(HUGE_PAGE - 1);
+    let end = (p + len) & !(HUGE_PAGE - 1);
     if end > start {
         // SAFETY: the range lies inside `buf`; MADV_HUGEPAGE changes no
         // contents, only how the range is backed.
@@ -208,6 +212,15 @@ pub fn huge_buffer(len: usize) -> (Vec<u8>, usize) {
     let off = buf.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
     advise_huge(&buf[off..]);
     (buf, off)
+}
+
+/// A zeroed `Vec` of `len` bytes whose memory was advised for huge pages
+/// before it was first touched (a reused decompression buffer).
+pub fn huge_vec(len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    advise_huge_range(v.as_ptr(), v.capacity());
+    v.resize(len, 0);
+    v
 }
 
 /// Alignment that O_DIRECT offsets and lengths need.
