@@ -227,8 +227,8 @@ fn scan_volume(
         for _ in 0..threads.max(1) {
             s.spawn(|| {
                 let len = (cs * RUN_CHUNKS) as usize;
-                let (mut whole, off) = lifeboat_store::backend::local::huge_buffer(len);
-                let buf = &mut whole[off..off + len];
+                let (mut whole, skip) = lifeboat_store::backend::local::huge_buffer(len);
+                let buf = &mut whole[skip..skip + len];
                 let mut found: Vec<(usize, ChunkId)> = Vec::new();
                 loop {
                     if failed.lock().unwrap().is_some() {

@@ -429,10 +429,10 @@ mod tests {
     }
 
     #[test]
-    fn seal_to_fits_the_bound_and_leaves_the_rest_alone() {
+    fn seal_to_fits_the_bound_and_writes_nothing_past_it() {
         // raw data is encrypted from the source into the room (the scatter
         // path), compressed data in place; both fit sealed_bound exactly
-        // and open, and the bytes past the blob are untouched
+        // and open
         let k = Keys::from_master(&[5; 32], "v");
         let mut random = vec![0u8; 65536 + 3];
         getrandom::fill(&mut random).unwrap();
@@ -441,9 +441,13 @@ mod tests {
             for level in [1, i32::MIN] {
                 let id = k.chunk_id(d);
                 let bound = sealed_bound(d.len());
-                let mut room = vec![0xA5u8; bound + 8];
-                let n = k.seal_to(BlobKind::Data, &id.0, d, level, &mut room[..bound]);
+                // exactly the bound is enough, and given more room (as in
+                // a pack buffer) nothing past the bound is written
+                let mut exact = vec![0u8; bound];
+                let n = k.seal_to(BlobKind::Data, &id.0, d, level, &mut exact);
                 assert!(n <= bound);
+                let mut room = vec![0xA5u8; bound + 64];
+                assert_eq!(k.seal_to(BlobKind::Data, &id.0, d, level, &mut room), n);
                 assert!(room[bound..].iter().all(|&b| b == 0xA5));
                 assert_eq!(k.open(BlobKind::Data, &id.0, &room[..n], "x").unwrap(), d);
                 // tampering anywhere in it is caught, the scatter path's

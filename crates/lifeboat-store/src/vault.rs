@@ -740,11 +740,9 @@ impl PackBuf {
         let align = crate::backend::local::DIRECT_ALIGN;
         let mut data = data.unwrap_or_default();
         if data.len() < cap + align {
-            // zeroed pages from the OS, not a memset
-            data = vec![0; cap + align];
-            crate::backend::local::advise_huge(&data);
+            data = crate::backend::local::huge_vec(cap + align);
         }
-        let start = data.as_ptr().align_offset(align).min(align);
+        let start = crate::backend::local::align_skip(&data, align);
         let end = start + PACK_HEADER.len();
         data[start..end].copy_from_slice(&PACK_HEADER);
         PackBuf {

@@ -147,11 +147,13 @@ pub fn verify(
             // the pack. The trailer lists every blob (copies the index does
             // not use included) and is bound to the pack id (to the zero id
             // in packs written before 2026-11-30).
-            let mut trailer_at = 0;
-            let listed = pack_trailer(&raw)
+            let trailer = pack_trailer(&raw);
+            let trailer_at = trailer
+                .as_ref()
+                .map_or(0, |t| raw.len() - PACK_TAIL_LEN - t.len());
+            let listed = trailer
                 .map_err(|e| format!("pack trailer: {e}"))
                 .and_then(|t| {
-                    trailer_at = raw.len() - PACK_TAIL_LEN - t.len();
                     let keys = vault.keys();
                     keys.open(BlobKind::PackIndex, &pack.0, t, "pack trailer")
                         .or_else(|_| keys.open(BlobKind::PackIndex, &[0; 32], t, "pack trailer"))

@@ -173,54 +173,49 @@ pub fn open_direct(path: &Path) -> Option<File> {
 pub fn start_aligned(buf: &mut Vec<u8>, cap: usize) -> usize {
     buf.clear();
     buf.reserve(cap + ALIGN);
-    let skip = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+    let skip = align_skip(buf, ALIGN);
     buf.resize(skip, 0);
     skip
 }
 
-/// Ask for transparent huge pages under the 2 MiB-aligned part of `buf`
-/// (call it before the pages are first touched). Big buffers that are
-/// filled and read over and over (pack buffers, read buffers) then cost
-/// one page fault and one TLB entry per 2 MiB instead of 512: on this VM,
-/// where a TLB miss walks two levels of page tables, a point took 5 % less
-/// time. Without THP (`never`) this does nothing.
-pub fn advise_huge(buf: &[u8]) {
-    advise_huge_range(buf.as_ptr(), buf.len());
-}
-
-fn advise_huge_range(p: *const u8, len: usize) {
-    let p = p as usize;
-    let start = (p + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
-    let end = (p + len) & !(HUGE_PAGE - 1);
-    if end > start {
-        // SAFETY: the range lies inside `buf`; MADV_HUGEPAGE changes no
-        // contents, only how the range is backed.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
-    }
+/// Bytes from the start of `buf` to its first `align`-aligned address.
+pub fn align_skip(buf: &[u8], align: usize) -> usize {
+    buf.as_ptr().align_offset(align).min(align)
 }
 
 /// A transparent huge page's size (x86_64, aarch64 with 4 KiB pages).
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// A zeroed buffer of `len` bytes whose `[off..off + len]` part starts on
-/// a huge-page boundary and is advised for huge pages: returns the buffer
-/// and `off`.
-pub fn huge_buffer(len: usize) -> (Vec<u8>, usize) {
-    let buf = vec![0u8; len + HUGE_PAGE];
-    let off = buf.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
-    advise_huge(&buf[off..]);
-    (buf, off)
+/// A zeroed `Vec` of `len` bytes whose memory (the 2 MiB-aligned part of
+/// it) is advised for transparent huge pages. A big allocation is fresh
+/// zero pages from the OS that `vec![0; len]` does not touch (no memset),
+/// so the advice comes before the first fault. Big buffers that are filled and read over and over (pack buffers, read
+/// buffers, a receiver's frame buffers) then cost one page fault and one
+/// TLB entry per 2 MiB instead of 512: on this VM, where a TLB miss walks
+/// two levels of page tables, a point took 5 % less time. Without THP
+/// (`never`) the advice does nothing.
+pub fn huge_vec(len: usize) -> Vec<u8> {
+    let v = vec![0u8; len];
+    let p = v.as_ptr() as usize;
+    let start = (p + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    let end = (p + len) & !(HUGE_PAGE - 1);
+    if end > start {
+        // SAFETY: the range lies inside `v`'s allocation; MADV_HUGEPAGE
+        // changes no contents, only how the range is backed.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+    v
 }
 
-/// A zeroed `Vec` of `len` bytes whose memory was advised for huge pages
-/// before it was first touched (a reused decompression buffer).
-pub fn huge_vec(len: usize) -> Vec<u8> {
-    let mut v: Vec<u8> = Vec::with_capacity(len);
-    advise_huge_range(v.as_ptr(), v.capacity());
-    v.resize(len, 0);
-    v
+/// A [`huge_vec`] holding `len` bytes from a huge-page boundary on:
+/// returns the buffer and that offset.
+pub fn huge_buffer(len: usize) -> (Vec<u8>, usize) {
+    // whole huge pages past the boundary, wherever it falls
+    let buf = huge_vec(len.next_multiple_of(HUGE_PAGE) + HUGE_PAGE);
+    let off = align_skip(&buf, HUGE_PAGE);
+    (buf, off)
 }
 
 /// Alignment that O_DIRECT offsets and lengths need.

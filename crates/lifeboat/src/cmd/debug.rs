@@ -122,8 +122,8 @@ pub fn run(c: DebugCmd) -> Result<()> {
             let bound = lifeboat_store::crypto::sealed_bound(chunk_size as usize);
             // (in huge pages where THP allows, as the pack writer's)
             let plen = (16 << 20) + bound;
-            let (mut whole, off) = lifeboat_store::backend::local::huge_buffer(plen);
-            let pack = &mut whole[off..off + plen];
+            let (mut whole, skip) = lifeboat_store::backend::local::huge_buffer(plen);
+            let pack = &mut whole[skip..skip + plen];
             let mut end = 0;
             for c in data.chunks(chunk_size as usize) {
                 let id = keys.chunk_id(c);
