@@ -20,11 +20,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 /// # Errors
 /// As [`read_frame`], or a frame over `max`.
 pub async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>> {
-    let mut b = Vec::new();
-    match read_body(r, &mut b, max, false).await? {
-        Some(n) => Ok(Some(Frame::decode(&b[..n])?)),
-        None => Ok(None),
-    }
+    let Some(n) = read_len(r, max).await? else {
+        return Ok(None);
+    };
+    let mut b = vec![0; n];
+    read_rest(r, &mut b).await?;
+    Ok(Some(Frame::decode(&b)?))
 }
 
 /// Read the next frame's type + body into `buf` (grown when needed, never
@@ -38,17 +39,20 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
-    read_body(r, buf, usize::MAX, true).await
+    let Some(n) = read_len(r, usize::MAX).await? else {
+        return Ok(None);
+    };
+    // in huge pages where THP allows, as the decompression buffer (see
+    // `open_batch_ref`)
+    lifeboat_store::backend::local::grow_huge(buf, n, 1 << 20);
+    read_rest(r, &mut buf[..n]).await?;
+    Ok(Some(n))
 }
 
-/// [`read_frame_body`] refusing a frame over `max` bytes before reading it;
-/// `reused`: `buf` is kept from frame to frame.
-async fn read_body<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    max: usize,
-    reused: bool,
-) -> Result<Option<usize>> {
+/// The length of the next frame's type + body, refused before it is read
+/// when over `max`; `Ok(None)` when the peer closed the stream cleanly
+/// between frames.
+async fn read_len<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<usize>> {
     let mut p = [0u8; 4];
     match r.read_exact(&mut p).await {
         Ok(_) => {}
@@ -59,23 +63,19 @@ async fn read_body<R: AsyncRead + Unpin>(
     if n > max {
         bail!("a {n}-byte frame from a peer that may send at most {max} now");
     }
-    if buf.len() < n {
-        if reused {
-            // in huge pages where THP allows, as the decompression
-            // buffer (see `open_batch_ref`)
-            *buf = lifeboat_store::backend::local::huge_vec(n.max(1 << 20));
-        } else {
-            buf.resize(n, 0);
-        }
-    }
-    r.read_exact(&mut buf[..n]).await.map_err(|e| {
+    Ok(Some(n))
+}
+
+/// The rest of a frame whose length [`read_len`] gave, into `buf`.
+async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<()> {
+    r.read_exact(buf).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             anyhow::anyhow!("the stream ended inside a frame (truncated)")
         } else {
             e.into()
         }
     })?;
-    Ok(Some(n))
+    Ok(())
 }
 
 /// Write one frame and flush it.
@@ -274,12 +274,10 @@ pub fn open_batch_ref<'a>(
             // into exactly raw_len bytes (more fails); zeroed only when the
             // buffer grows
             let want = raw_len as usize;
-            if scratch.len() < want {
-                // a new buffer in huge pages where THP allows (it is
-                // kept from batch to batch: fewer TLB misses while the
-                // batch is decompressed into it and applied from it)
-                *scratch = lifeboat_store::backend::local::huge_vec(want.max(4 << 20));
-            }
+            // in huge pages where THP allows (it is kept from batch to
+            // batch: fewer TLB misses while the batch is decompressed into
+            // it and applied from it)
+            lifeboat_store::backend::local::grow_huge(scratch, want, 4 << 20);
             let n = DCTX
                 .with(|cell| {
                     let mut cell = cell.borrow_mut();

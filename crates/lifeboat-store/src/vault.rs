@@ -739,9 +739,7 @@ impl PackBuf {
     fn new(cap: usize, data: Option<Vec<u8>>) -> Self {
         let align = crate::backend::local::DIRECT_ALIGN;
         let mut data = data.unwrap_or_default();
-        if data.len() < cap + align {
-            data = crate::backend::local::huge_vec(cap + align);
-        }
+        crate::backend::local::grow_huge(&mut data, cap + align, 0);
         let start = crate::backend::local::align_skip(&data, align);
         let end = start + PACK_HEADER.len();
         data[start..end].copy_from_slice(&PACK_HEADER);

@@ -24,15 +24,6 @@ fn same(a: &[u8], b: &[u8], what: &str) {
     }
 }
 
-/// Unmounts (lazily) when dropped, so a failed test leaves no mount behind.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-    }
-}
-
 fn tools() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools")
 }

@@ -143,16 +143,6 @@ fn postgres_on_a_fuse_export_survives_a_30s_link_cut_and_restores_at_the_recover
         data: "0",
         frontend: ["--fuse-mount", "mnt"],
     };
-    // The agent is killed when `s` drops, and its FUSE mount would stay
-    // behind (a dead mount the temporary directory cannot be removed
-    // through): dropped after `s`, this unmounts it.
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _fuse = Umount(d.path().join("mnt"));
     let mut s = Sites::with(d.path(), "8GiB", &vol);
     s.converge();
     let mut fs = Mount::new(&d.path().join("mnt/disk0"), &d.path().join("fs"), true);

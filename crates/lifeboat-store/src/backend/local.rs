@@ -187,13 +187,15 @@ pub fn align_skip(buf: &[u8], align: usize) -> usize {
 pub const HUGE_PAGE: usize = 2 << 20;
 
 /// A zeroed `Vec` of `len` bytes whose memory (the 2 MiB-aligned part of
-/// it) is advised for transparent huge pages. A big allocation is fresh
-/// zero pages from the OS that `vec![0; len]` does not touch (no memset),
-/// so the advice comes before the first fault. Big buffers that are filled and read over and over (pack buffers, read
-/// buffers, a receiver's frame buffers) then cost one page fault and one
-/// TLB entry per 2 MiB instead of 512: on this VM, where a TLB miss walks
-/// two levels of page tables, a point took 5 % less time. Without THP
-/// (`never`) the advice does nothing.
+/// it) is advised for transparent huge pages. A big allocation is usually
+/// fresh zero pages from the OS that `vec![0; len]` does not touch (no
+/// memset), so the advice comes before the first fault; pages the
+/// allocator hands out again were touched already and stay small until
+/// the kernel collapses them. Big buffers that are filled and read over
+/// and over (pack buffers, read buffers, a receiver's frame buffers) then
+/// cost one page fault and one TLB entry per 2 MiB instead of 512: in a VM,
+/// where a TLB miss walks the guest's and the host's page tables, a point
+/// took 5 % less time. Without THP (`never`) the advice does nothing.
 pub fn huge_vec(len: usize) -> Vec<u8> {
     let v = vec![0u8; len];
     let p = v.as_ptr() as usize;
@@ -207,6 +209,15 @@ pub fn huge_vec(len: usize) -> Vec<u8> {
         }
     }
     v
+}
+
+/// Make a buffer that is kept for reuse hold at least `len` bytes: when it
+/// is shorter it is replaced (its contents dropped) by a [`huge_vec`] of
+/// `len`, or of `min` if that is more (fewer regrowths).
+pub fn grow_huge(buf: &mut Vec<u8>, len: usize, min: usize) {
+    if buf.len() < len {
+        *buf = huge_vec(len.max(min));
+    }
 }
 
 /// A [`huge_vec`] holding `len` bytes from a huge-page boundary on:

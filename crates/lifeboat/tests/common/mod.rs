@@ -166,6 +166,15 @@ pub fn http_as(api: &str, method: &str, path: &str, token: Option<&str>) -> (u16
     (code, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// Unmounts (lazily) when dropped, so a failed test leaves no mount behind.
+pub struct Mounted(pub PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
 pub struct Sites {
     pub dir: PathBuf,
     pub server: Option<Proc>,
@@ -174,6 +183,10 @@ pub struct Sites {
     pub api: String,
     pub src: PathBuf,
     pub sock: PathBuf,
+    /// The agent's FUSE export, unmounted after the agent above is killed
+    /// (fields drop in order): a killed agent leaves a dead mount that its
+    /// temporary directory cannot be removed through.
+    pub fuse: Option<Mounted>,
 }
 
 /// The protected volume: its size and data, and how the workload reaches it.
@@ -236,6 +249,7 @@ impl Sites {
             api: String::new(),
             src: d.join("src.img"),
             sock: d.join("db.sock"),
+            fuse: (vol.frontend[0] == "--fuse-mount").then(|| Mounted(d.join(vol.frontend[1]))),
         };
         s.start_server();
         let token = ok(lb(
